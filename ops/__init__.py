@@ -1,0 +1,1 @@
+"""Operations: the embedded development stack (Tansu broker, Redis) and deployment files."""

@@ -1,0 +1,1 @@
+"""Predictions out: FastAPI nodes that follow published versions and answer /predict."""
