@@ -1,0 +1,34 @@
+"""Configuration of the streaming trainer."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from trainer.embedding.config import AdmissionConfig, EvictionConfig, SparseOptimizerConfig
+
+
+class EmbeddingDefaults(BaseModel):
+    """Applied to every table of the schema (per-table overrides can come later)."""
+
+    optimizer: SparseOptimizerConfig = Field(default_factory=SparseOptimizerConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    eviction: EvictionConfig = Field(default_factory=EvictionConfig)
+    init_std: float = 0.01
+    default_value: float = 0.0
+
+
+class TrainerConfig(BaseModel):
+    model: Literal["dlrm"] = "dlrm"
+    batch_size: int = Field(default=512, ge=1)
+    # A micro-batch closes when full or when this long has passed since its first sample.
+    max_batch_wait_ms: int = Field(default=200, ge=1)
+    dense_lr: float = Field(default=1e-3, gt=0)
+    bottom_mlp: list[int] = Field(default_factory=lambda: [64, 16])
+    top_mlp: list[int] = Field(default_factory=lambda: [64, 32])
+    embedding: EmbeddingDefaults = Field(default_factory=EmbeddingDefaults)
+    seed: int = 0
+    consumer_group: str = "freshrec-trainer"
+    # Progressive validation window (samples) for the rolling AUC and log loss.
+    metrics_window: int = Field(default=20_000, ge=100)
