@@ -28,12 +28,19 @@ class InvalidSample(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class Features:
+    """What a model reads: dense values (transformed) and sparse keys, in schema order."""
+
+    dense: tuple[float, ...]
+    # One tuple of int64 keys per sparse feature (empty when absent).
+    sparse: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Sample:
     label: int
     event_time: float
-    dense: tuple[float, ...]
-    # One tuple of int64 keys per sparse feature, in schema order (empty when absent).
-    sparse: tuple[tuple[int, ...], ...]
+    features: Features
 
 
 class SampleCodec:
@@ -68,7 +75,11 @@ class SampleCodec:
             raise InvalidSample("missing_event_time", s.event_time)
         if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
             raise InvalidSample("bad_event_time", f"{s.event_time}={ts!r}")
-        return Sample(int(label), float(ts), self._dense_values(obj), self._sparse_keys(obj))
+        return Sample(int(label), float(ts), self.features(obj))
+
+    def features(self, obj: dict) -> Features:
+        """The model's input from a dict of feature values (a sample, or a serving request)."""
+        return Features(self._dense_values(obj), self._sparse_keys(obj))
 
     def _dense_values(self, obj: dict) -> tuple[float, ...]:
         out = []
