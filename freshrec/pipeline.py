@@ -1,0 +1,50 @@
+"""Composition: builds each part of the pipeline from the settings.
+
+This is the only module that knows every part; the parts themselves only know their own
+configuration and what lies upstream of them.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from fastapi import FastAPI
+
+from freshrec.settings import Settings, load_settings
+from freshrec.status import StatusBoard, TrainerStatusHook
+from publisher.publisher import Publisher
+from publisher.redis_store import RedisVersionStore
+from serving.app import create_app
+from stream.sample import SampleCodec
+from stream.topics import ensure_topics
+from trainer.learner import OnlineLearner
+from trainer.loop import Position, TrainingLoop
+from trainer.source import KafkaSampleSource
+
+
+def build_training_loop(settings: Settings) -> TrainingLoop:
+    schema = settings.feature_schema()
+    kafka = settings.kafka
+    ensure_topics(kafka, [kafka.samples_topic, kafka.dead_letter_topic], kafka.partitions)
+    learner = OnlineLearner(schema, settings.trainer)
+    source = KafkaSampleSource(kafka, SampleCodec(schema), settings.trainer.batch_size,
+                               settings.trainer.max_batch_wait_ms)
+    store = RedisVersionStore(settings.redis)
+    publisher = Publisher(store, settings.publisher)
+    status = TrainerStatusHook(StatusBoard(store.redis, settings.redis), source, publisher)
+    return TrainingLoop(source, learner, [publisher, status], Position(topic=kafka.samples_topic))
+
+
+def train(settings: Settings, stop: threading.Event) -> TrainingLoop:
+    loop = build_training_loop(settings)
+    loop.run(stop)
+    return loop
+
+
+def build_serving_app(settings: Settings) -> FastAPI:
+    return create_app(settings.feature_schema(), settings.trainer, settings.redis, settings.serving)
+
+
+def serving_app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory` (several workers each build their own node)."""
+    return build_serving_app(load_settings())
