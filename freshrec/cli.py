@@ -1,5 +1,7 @@
 """The `freshrec` command line. Each subcommand lives in `freshrec/commands/<name>.py` and
-exposes `register(subparsers)`, which adds its parser and sets `func(args) -> int`."""
+exposes `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
+Command modules import heavy parts (torch, Kafka clients) inside `func`, so that every
+command starts quickly."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""`freshrec bench <name>`: benchmarks that print a table against a baseline measured in the
-same run, and end with one JSON line. Each lives in `freshrec/bench/<name>.py` with
-`add_arguments(parser)` and `run(args) -> int`."""
+"""`freshrec bench <name> [options]`: benchmarks that print a table against a baseline
+measured in the same run, and end with one JSON line. Each lives in
+`freshrec/bench/<name>.py` with `add_arguments(parser)` and `run(args) -> int`; a module is
+imported only when its benchmark runs."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ import freshrec.bench
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks against baselines (see README: Results)")
     names = sorted(m.name for m in pkgutil.iter_modules(freshrec.bench.__path__))
-    sub = p.add_subparsers(dest="benchmark", required=True)
-    for name in names:
-        module = importlib.import_module(f"freshrec.bench.{name}")
-        bp = sub.add_parser(name, help=(module.__doc__ or "").strip().split("\n")[0])
-        module.add_arguments(bp)
-        bp.set_defaults(func=module.run)
+    p = subparsers.add_parser("bench", help="benchmarks against baselines (see README: Results)")
+    p.add_argument("benchmark", choices=names)
+    p.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options (--help lists them)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"freshrec.bench.{args.benchmark}")
+    parser = argparse.ArgumentParser(prog=f"freshrec bench {args.benchmark}", description=module.__doc__)
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(args.options)) or 0)

@@ -23,12 +23,6 @@ import httpx
 import yaml
 
 from freshrec.settings import Settings, load_settings
-from freshrec.status import StatusBoard
-from ops.stack import running_stack
-from publisher.redis_store import connect
-from stream.producer import produce
-from stream.synthetic import SyntheticStream
-from stream.topics import ensure_topics
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ops.stack import running_stack
+    from stream.topics import ensure_topics
+
     settings = load_settings(args.config)
     with ExitStack() as stack:
         if not args.no_stack:
@@ -74,6 +71,9 @@ def _write_settings(settings: Settings, stack: ExitStack) -> Path:
 
 
 def _start_producer(settings: Settings, rate: float, stop: threading.Event) -> threading.Thread:
+    from stream.producer import produce
+    from stream.synthetic import SyntheticStream
+
     stream = SyntheticStream(settings.feature_schema(), seed=settings.producer.seed)
     thread = threading.Thread(target=produce, name="producer", daemon=True,
                               kwargs=dict(kafka=settings.kafka, source=stream, rate=rate, stop=stop))
@@ -106,6 +106,9 @@ class _child:
 
 
 def _watch(settings: Settings, children: list[subprocess.Popen], duration: float | None) -> None:
+    from freshrec.status import StatusBoard
+    from publisher.redis_store import connect
+
     board = StatusBoard(connect(settings.redis), settings.redis)
     url = f"http://{settings.serving.host}:{settings.serving.port}/model"
     started = time.monotonic()

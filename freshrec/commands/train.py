@@ -7,7 +7,6 @@ import logging
 import signal
 import threading
 
-from freshrec.pipeline import train
 from freshrec.settings import load_settings
 
 log = logging.getLogger("freshrec.train")
@@ -19,6 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from freshrec.pipeline import train
+
     settings = load_settings(args.config)
     stop = threading.Event()
 
