@@ -7,5 +7,15 @@ from trainer.embedding.config import (
     EvictionConfig,
     SparseOptimizerConfig,
 )
+from trainer.embedding.keyindex import KeyIndex
+from trainer.embedding.variable import EmbeddingVariable, TableChanges
 
-__all__ = ["AdmissionConfig", "EmbeddingVariableConfig", "EvictionConfig", "SparseOptimizerConfig"]
+__all__ = [
+    "AdmissionConfig",
+    "EmbeddingVariable",
+    "EmbeddingVariableConfig",
+    "EvictionConfig",
+    "KeyIndex",
+    "SparseOptimizerConfig",
+    "TableChanges",
+]

@@ -1,0 +1,160 @@
+"""Row kernels of an Embedding Variable: initialisation, gather, sparse optimizer updates.
+
+Each update walks the batch's rows once, in place, with the optimizer state next to the
+row: the per-row work PyTorch spreads over a dozen tensor ops (and allocations) is one loop
+here. Slots < 0 (unadmitted keys) are skipped. Arithmetic is float32 in the order torch's
+optimizers use, so results match `torch.optim` to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from trainer.embedding.keyindex import hash64
+
+_TWO_PI = 2.0 * np.pi
+_INV_2_53 = 1.0 / 9007199254740992.0
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_S11 = np.uint64(11)
+
+
+@njit(cache=True, inline="always")
+def _uniform(seed_hash: np.uint64, key: np.int64, j: np.int64) -> float:
+    """Uniform in (0, 1], a pure function of (seed, key, j): counter-based, no state."""
+    x = hash64(np.int64(hash64(key) ^ seed_hash) + j * np.int64(_GOLDEN))
+    return (np.float64(x >> _S11) + 1.0) * _INV_2_53
+
+
+@njit(cache=True)
+def init_rows(keys: np.ndarray, seed: np.int64, std: float, out: np.ndarray) -> None:
+    """N(0, std^2) by Box-Muller from (seed, key): a key's first row is the same in every run
+    and on every trainer, whatever order keys arrive in."""
+    seed_hash = hash64(seed)
+    dim = out.shape[1]
+    for i in range(keys.size):
+        for j in range(dim):
+            u1 = _uniform(seed_hash, keys[i], 2 * j)
+            u2 = _uniform(seed_hash, keys[i], 2 * j + 1)
+            out[i, j] = std * np.sqrt(-2.0 * np.log(u1)) * np.cos(_TWO_PI * u2)
+
+
+@njit(cache=True)
+def gather(values: np.ndarray, slots: np.ndarray, default: np.float32, out: np.ndarray) -> None:
+    dim = values.shape[1]
+    for i in range(slots.size):
+        s = slots[i]
+        if s < 0:
+            for j in range(dim):
+                out[i, j] = default
+        else:
+            for j in range(dim):
+                out[i, j] = values[s, j]
+
+
+@njit(cache=True)
+def gather_sum(values: np.ndarray, slots: np.ndarray, offsets: np.ndarray,
+               default: np.float32, out: np.ndarray) -> None:
+    """Sum-pools bags: bag b is slots[offsets[b]:offsets[b + 1]]."""
+    dim = values.shape[1]
+    for b in range(offsets.size - 1):
+        for j in range(dim):
+            out[b, j] = 0.0
+        for i in range(offsets[b], offsets[b + 1]):
+            s = slots[i]
+            for j in range(dim):
+                out[b, j] += default if s < 0 else values[s, j]
+
+
+@njit(cache=True)
+def touch(slots: np.ndarray, step: np.int64, stamp: np.int64,
+          last_step: np.ndarray, stamps: np.ndarray) -> None:
+    """Records an update: for steps_to_live eviction and for the publisher's change cut."""
+    for s in slots:
+        if s >= 0:
+            last_step[s] = step
+            stamps[s] = stamp
+
+
+@njit(cache=True)
+def sgd(slots: np.ndarray, grads: np.ndarray, values: np.ndarray, lr: np.float32) -> None:
+    for i in range(slots.size):
+        s = slots[i]
+        if s >= 0:
+            for j in range(values.shape[1]):
+                values[s, j] -= lr * grads[i, j]
+
+
+@njit(cache=True)
+def adagrad(slots: np.ndarray, grads: np.ndarray, values: np.ndarray, accum: np.ndarray,
+            lr: np.float32, eps: np.float32) -> None:
+    """torch.optim.Adagrad: sum += g^2; w -= lr * g / (sqrt(sum) + eps)."""
+    for i in range(slots.size):
+        s = slots[i]
+        if s >= 0:
+            for j in range(values.shape[1]):
+                g = grads[i, j]
+                a = accum[s, j] + g * g
+                accum[s, j] = a
+                values[s, j] -= lr * (g / (np.sqrt(a) + eps))
+
+
+@njit(cache=True)
+def rowwise_adagrad(slots: np.ndarray, grads: np.ndarray, values: np.ndarray, accum: np.ndarray,
+                    lr: np.float32, eps: np.float32) -> None:
+    """FBGEMM's exact row-wise Adagrad: one accumulator per row, fed the mean of g^2."""
+    dim = values.shape[1]
+    for i in range(slots.size):
+        s = slots[i]
+        if s >= 0:
+            sq = np.float32(0.0)
+            for j in range(dim):
+                sq += grads[i, j] * grads[i, j]
+            a = accum[s] + sq / np.float32(dim)
+            accum[s] = a
+            mult = lr / (np.sqrt(a) + eps)
+            for j in range(dim):
+                values[s, j] -= mult * grads[i, j]
+
+
+@njit(cache=True)
+def adagrad_decay(slots: np.ndarray, grads: np.ndarray, values: np.ndarray, accum: np.ndarray,
+                  power: np.ndarray, step: np.int64, lr: np.float32, eps: np.float32,
+                  decay_rate: float, decay_step: np.int64, baseline: np.float32) -> None:
+    """DeepRec's AdagradDecay: before a row's update, its accumulator is multiplied by
+    decay_rate once per decay_step global steps elapsed since its last decay, floored at
+    the baseline, so old evidence fades and a long-lived row keeps learning."""
+    target = step // decay_step
+    for i in range(slots.size):
+        s = slots[i]
+        if s < 0:
+            continue
+        if target > power[s]:
+            factor = np.float32(decay_rate ** (target - power[s]))
+            power[s] = target
+            for j in range(values.shape[1]):
+                accum[s, j] = max(accum[s, j] * factor, baseline)
+        for j in range(values.shape[1]):
+            g = grads[i, j]
+            a = accum[s, j] + g * g
+            accum[s, j] = a
+            values[s, j] -= lr * (g / (np.sqrt(a) + eps))
+
+
+@njit(cache=True)
+def lazy_adam(slots: np.ndarray, grads: np.ndarray, values: np.ndarray, m: np.ndarray,
+              v: np.ndarray, beta1: np.float32, beta2: np.float32, step_size: np.float32,
+              eps: np.float32) -> None:
+    """torch.optim.SparseAdam: moments of the rows in the batch only; the bias correction
+    (in step_size) uses the table's global step count, as torch, TF and DeepRec do."""
+    one = np.float32(1.0)
+    for i in range(slots.size):
+        s = slots[i]
+        if s >= 0:
+            for j in range(values.shape[1]):
+                g = grads[i, j]
+                mj = m[s, j] + (g - m[s, j]) * (one - beta1)
+                vj = v[s, j] + (g * g - v[s, j]) * (one - beta2)
+                m[s, j] = mj
+                v[s, j] = vj
+                values[s, j] += -step_size * (mj / (np.sqrt(vj) + eps))

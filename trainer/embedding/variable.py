@@ -1,0 +1,286 @@
+"""The Embedding Variable: a growing, collision-free int64-keyed table of trainable rows.
+
+Rows live in slot-indexed arrays (values, optimizer state, last-update step, change stamp)
+found through a KeyIndex. Freed slots are reused, so memory follows the live rows, not the
+ids ever seen.
+
+Change tracking for the publisher: every mutation stamps its rows with the open epoch
+`_clock`; a cut (`changes_since`) closes the epoch and returns all rows stamped after the
+caller's cursor. A stamp is one int64 per row, so no number of updates between cuts can
+overflow it (Monolith's bounded touched-key set drops updates when it overflows).
+Evictions go to a tombstone log, trimmed by `release` once a cursor is durably published.
+
+Single writer: the trainer thread mutates; a publisher cuts between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numba import njit
+
+from trainer.embedding import kernels
+from trainer.embedding.admission import make_admission
+from trainer.embedding.config import EmbeddingVariableConfig
+from trainer.embedding.keyindex import KeyIndex, as_keys, grown
+from trainer.embedding.optimizers import SparseOptimizer
+
+_KEY_BYTES = 8
+
+
+@dataclass(frozen=True)
+class TableChanges:
+    """What changed since a cursor. Apply tombstones first, then upsert keys/values."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    tombstones: np.ndarray
+    cursor: int
+
+
+@njit(cache=True)
+def _eviction_mask(stamps: np.ndarray, last_step: np.ndarray, values: np.ndarray, step: np.int64,
+                   steps_to_live: np.int64, l2_threshold: float) -> np.ndarray:
+    """Live rows (stamp > 0) idle for more than steps_to_live steps or with an L2 norm under
+    the threshold; one pass, no temporaries the size of the table."""
+    out = np.zeros(stamps.size, dtype=np.bool_)
+    threshold_sq = l2_threshold * l2_threshold
+    for s in range(stamps.size):
+        if stamps[s] <= 0:
+            continue
+        if steps_to_live > 0 and step - last_step[s] > steps_to_live:
+            out[s] = True
+        elif l2_threshold > 0:
+            sq = 0.0
+            for j in range(values.shape[1]):
+                sq += values[s, j] * values[s, j]
+            out[s] = sq < threshold_sq
+    return out
+
+
+class EmbeddingVariable:
+    def __init__(self, config: EmbeddingVariableConfig) -> None:
+        self.config = config
+        self.dim = config.dim
+        self._default = np.float32(config.default_value)
+        self._optimizer = SparseOptimizer(config.optimizer, config.dim)
+        self._admission = make_admission(config.admission)
+        self._reset(config.initial_capacity)
+
+    def _reset(self, capacity: int) -> None:
+        self._index = KeyIndex(capacity)
+        rows = self._index.slot_capacity
+        self._values = np.zeros((rows, self.dim), dtype=np.float32)
+        self._state = {name: np.zeros((rows,) + shape, dtype=dtype)
+                       for name, (shape, dtype) in self._optimizer.layout().items()}
+        self._last_step = np.zeros(rows, dtype=np.int64)
+        self._stamps = np.zeros(rows, dtype=np.int64)  # 0: free slot
+        self._clock = 1  # the open epoch: stamp of changes made now
+        self._step = 0  # the latest global step seen
+        self._last_eviction = 0
+        self._tomb_keys = np.zeros(0, dtype=np.int64)
+        self._tomb_stamps = np.zeros(0, dtype=np.int64)
+        self._tomb_compacted = 0
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def index(self) -> KeyIndex:
+        return self._index
+
+    # -- training -------------------------------------------------------------------------
+
+    def train_lookup(self, keys: np.ndarray, counts: np.ndarray | None = None) -> torch.Tensor:
+        """Rows of a batch's unique keys, counting sightings and creating admitted rows.
+        Returns a fresh float32 tensor; unadmitted keys read the default value."""
+        keys = as_keys(keys)
+        slots = self._index.get(keys)
+        absent = np.flatnonzero(slots < 0)
+        if absent.size:
+            seen = np.ones(absent.size, np.int64) if counts is None else np.asarray(counts, np.int64)[absent]
+            admitted = absent[self._admission.observe(keys[absent], seen, self._step)]
+            slots[admitted] = self._create(keys[admitted])
+        return self._gather(slots)
+
+    def apply_gradients(self, keys: np.ndarray, grads: torch.Tensor | np.ndarray, step: int) -> None:
+        """Updates the admitted rows among `keys` (unique); others' gradients are dropped."""
+        keys = as_keys(keys)
+        if isinstance(grads, torch.Tensor):
+            grads = grads.detach().cpu().numpy()
+        grads = np.ascontiguousarray(grads, dtype=np.float32).reshape(keys.size, self.dim)
+        self._step = max(self._step, step)
+        slots = self._index.get(keys)
+        self._optimizer.update(self._values, self._state, slots, grads, step)
+        kernels.touch(slots, step, self._clock, self._last_step, self._stamps)
+
+    def lookup(self, keys: np.ndarray) -> torch.Tensor:
+        """Read-only: rows or the default value, shaped keys.shape + (dim,)."""
+        keys = np.asarray(keys)
+        return self._gather(self._index.get(keys)).reshape(*keys.shape, self.dim)
+
+    def pooled_lookup(self, keys: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
+        """Read-only sum-pooling of bags keys[offsets[b]:offsets[b + 1]] (multi-valued
+        features at serving time), without materialising one row per key."""
+        offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        out = np.empty((offsets.size - 1, self.dim), dtype=np.float32)
+        kernels.gather_sum(self._values, self._index.get(keys), offsets, self._default, out)
+        return torch.from_numpy(out)
+
+    def initial_rows(self, keys: np.ndarray) -> np.ndarray:
+        """The values rows of these keys start from when created (a pure function of seed, key)."""
+        keys = as_keys(keys)
+        out = np.empty((keys.size, self.dim), dtype=np.float32)
+        kernels.init_rows(keys, self.config.seed, self.config.init_std, out)
+        return out
+
+    def _gather(self, slots: np.ndarray) -> torch.Tensor:
+        out = np.empty((slots.size, self.dim), dtype=np.float32)
+        kernels.gather(self._values, slots, self._default, out)
+        return torch.from_numpy(out)
+
+    def _create(self, keys: np.ndarray) -> np.ndarray:
+        slots = self._index.put(keys)
+        self._fit_rows()
+        self._values[slots] = self.initial_rows(keys)
+        self._optimizer.init_rows(self._state, slots, self._step)
+        self._last_step[slots] = self._step
+        self._stamps[slots] = self._clock
+        return slots
+
+    def _fit_rows(self) -> None:
+        """Row arrays follow the index's slot capacity (it owns the growth policy)."""
+        rows = self._index.slot_capacity
+        if rows > self._stamps.size:
+            self._values = grown(self._values, rows)
+            self._state = {name: grown(array, rows) for name, array in self._state.items()}
+            self._last_step = grown(self._last_step, rows)
+            self._stamps = grown(self._stamps, rows)
+
+    # -- eviction -------------------------------------------------------------------------
+
+    def maybe_evict(self, step: int) -> int:
+        """Evicts if every_n_steps have passed since the last run; returns rows evicted."""
+        if step - self._last_eviction < self.config.eviction.every_n_steps:
+            return 0
+        return int(self.evict(step).size)
+
+    def evict(self, step: int) -> np.ndarray:
+        """Removes idle and small rows now; returns their keys (tombstones for serving)."""
+        ev = self.config.eviction
+        self._step = max(self._step, step)
+        self._last_eviction = step
+        if ev.steps_to_live:
+            self._admission.forget_stale(step, ev.steps_to_live)
+        if not (ev.steps_to_live or ev.l2_threshold):
+            return np.zeros(0, dtype=np.int64)
+        hw = self._index.high_water
+        slots = np.flatnonzero(_eviction_mask(self._stamps[:hw], self._last_step[:hw], self._values[:hw],
+                                              step, ev.steps_to_live, ev.l2_threshold))
+        keys = self._index.keys_of(slots)
+        self._index.remove(keys)
+        self._stamps[slots] = 0
+        self._log_tombstones(keys)
+        return keys
+
+    def _log_tombstones(self, keys: np.ndarray) -> None:
+        self._tomb_keys = np.concatenate([self._tomb_keys, keys])
+        self._tomb_stamps = np.concatenate([self._tomb_stamps, np.full(keys.size, self._clock, np.int64)])
+        if self._tomb_keys.size > 2 * max(self._tomb_compacted, len(self), 1024):
+            self._compact_tombstones()
+
+    def _compact_tombstones(self) -> None:
+        """Keeps each key's latest eviction, and only for keys not live again (a live key's
+        current row reaches consumers as an upsert, which supersedes the tombstone). This
+        bounds the log by the distinct dead keys since the oldest unreleased cursor."""
+        order = np.lexsort((-self._tomb_stamps, self._tomb_keys))
+        keys, stamps = self._tomb_keys[order], self._tomb_stamps[order]
+        first = np.ones(keys.size, dtype=np.bool_)
+        first[1:] = keys[1:] != keys[:-1]
+        keys, stamps = keys[first], stamps[first]
+        dead = self._index.get(keys) < 0
+        self._tomb_keys, self._tomb_stamps = keys[dead], stamps[dead]
+        self._tomb_compacted = self._tomb_keys.size
+
+    # -- change tracking ------------------------------------------------------------------
+
+    def changes_since(self, cursor: int) -> TableChanges:
+        """Current values of rows changed after `cursor`, and keys evicted after it that are
+        not live now. Cursor 0 is a full export (no tombstones: it replaces the table)."""
+        cut = self._clock
+        self._clock += 1
+        hw = self._index.high_water
+        slots = np.flatnonzero(self._stamps[:hw] > cursor)
+        tombstones = np.zeros(0, dtype=np.int64)
+        if cursor > 0:
+            tombstones = np.unique(self._tomb_keys[self._tomb_stamps > cursor])
+            tombstones = tombstones[self._index.get(tombstones) < 0]
+        return TableChanges(self._index.keys_of(slots), self._values[slots], tombstones, cut)
+
+    def release(self, cursor: int) -> None:
+        """Everything up to `cursor` is durably published: its tombstones are no longer needed."""
+        keep = self._tomb_stamps > cursor
+        self._tomb_keys, self._tomb_stamps = self._tomb_keys[keep], self._tomb_stamps[keep]
+        self._tomb_compacted = min(self._tomb_compacted, self._tomb_keys.size)
+
+    # -- state ----------------------------------------------------------------------------
+
+    def export(self) -> tuple[np.ndarray, np.ndarray]:
+        keys, slots = self._index.items()
+        return keys, self._values[slots]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Everything needed to resume training and publishing, as plain numpy arrays."""
+        keys, slots = self._index.items()
+        state = {
+            "dim": np.array(self.dim, dtype=np.int64),
+            "keys": keys,
+            "values": self._values[slots],
+            "last_step": self._last_step[slots],
+            "stamps": self._stamps[slots],
+            "clock": np.array(self._clock, dtype=np.int64),
+            "step": np.array(self._step, dtype=np.int64),
+            "last_eviction": np.array(self._last_eviction, dtype=np.int64),
+            "optimizer.step_count": np.array(self._optimizer.step_count, dtype=np.int64),
+            "tombstones.keys": self._tomb_keys.copy(),
+            "tombstones.stamps": self._tomb_stamps.copy(),
+        }
+        state.update({f"optimizer.{name}": array[slots] for name, array in self._state.items()})
+        state.update({f"admission.{name}": array.copy() for name, array in self._admission.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        if int(state["dim"]) != self.dim:
+            raise ValueError(f"state has dim {int(state['dim'])}, table {self.config.name!r} has {self.dim}")
+        keys = np.asarray(state["keys"], dtype=np.int64)
+        self._reset(max(self.config.initial_capacity, keys.size))
+        slots = self._index.put(keys)
+        self._fit_rows()
+        self._values[slots] = state["values"]
+        self._last_step[slots] = state["last_step"]
+        self._stamps[slots] = state["stamps"]
+        for name, array in self._state.items():
+            array[slots] = state[f"optimizer.{name}"]
+        self._clock = int(state["clock"])
+        self._step = int(state["step"])
+        self._last_eviction = int(state["last_eviction"])
+        self._optimizer.step_count = int(state["optimizer.step_count"])
+        self._tomb_keys = np.array(state["tombstones.keys"], dtype=np.int64)
+        self._tomb_stamps = np.array(state["tombstones.stamps"], dtype=np.int64)
+        prefix = "admission."
+        self._admission.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    # -- memory ---------------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the table: rows, state, bookkeeping, index, admission, tombstones."""
+        arrays = [self._values, self._last_step, self._stamps, self._tomb_keys, self._tomb_stamps,
+                  *self._state.values()]
+        return sum(a.nbytes for a in arrays) + self._index.nbytes + self._admission.nbytes
+
+    def ideal_bytes_per_row(self) -> int:
+        """Key, values and optimizer state: the floor any table of these rows pays."""
+        return _KEY_BYTES + 4 * self.dim + self._optimizer.bytes_per_row()
