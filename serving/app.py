@@ -26,6 +26,17 @@ from stream.schema import FeatureSchema
 from trainer.config import TrainerConfig
 
 
+def current_model(request: Request) -> ServingModel:
+    """The version this request is answered from, taken once: later swaps do not affect it."""
+    model = request.app.state.follower.current
+    if model is None:
+        raise HTTPException(503, "no model version loaded yet")
+    return model
+
+
+CurrentModel = Annotated[ServingModel, Depends(current_model)]
+
+
 def create_app(schema: FeatureSchema, trainer_config: TrainerConfig, redis_config: RedisConfig,
                config: ServingConfig) -> FastAPI:
     follower = VersionFollower(RedisVersionStore(redis_config), schema, trainer_config, config.follow_block_ms)
@@ -47,14 +58,8 @@ def create_app(schema: FeatureSchema, trainer_config: TrainerConfig, redis_confi
             return JSONResponse({"detail": f"body of {length} bytes exceeds {config.max_body_bytes}"}, 413)
         return await call_next(request)
 
-    def current_model() -> ServingModel:
-        model = follower.current
-        if model is None:
-            raise HTTPException(503, "no model version loaded yet")
-        return model
-
     @app.post("/predict", response_model=PredictResponse)
-    def predict(request: PredictRequest, model: Annotated[ServingModel, Depends(current_model)]) -> PredictResponse:
+    def predict(request: PredictRequest, model: CurrentModel) -> PredictResponse:
         rows = request.feature_dicts()
         if len(rows) > config.max_examples:
             raise HTTPException(413, f"{len(rows)} examples exceed the limit of {config.max_examples}")
