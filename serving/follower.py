@@ -87,6 +87,8 @@ class VersionFollower:
         self._catch_up(head)
 
     def _catch_up(self, target: int) -> None:
+        if self.current is None:  # nothing loaded yet: the first announced version starts us
+            self._load_newest()
         while self.current is not None and self.current.version < target:
             self._apply(self.current.version + 1)
 

@@ -109,19 +109,22 @@ def test_events_become_live_predictions(pipeline, kafka_config, redis_config):
     produce(kafka_config, [orjson.dumps(s) for s in first[:1500]] + bad + [orjson.dumps(s) for s in first[1500:]])
 
     store = RedisVersionStore(redis_config)
-    processes["trainer"] = trainer = start(config, "train", log=logs / "trainer.log")
-    wait_for(lambda: store.head(), START_TIMEOUT_S, "a first published version", [trainer])
-
+    # Serving starts first: it must wait, unready, and pick up the first version when it comes.
     processes["serving"] = server = start(config, "serve", log=logs / "serving.log")
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
 
-    def ready():
+    def readiness() -> int | None:
         try:
-            return http.get("/readyz").status_code == 200
+            return http.get("/readyz").status_code
         except httpx.HTTPError:
-            return False
+            return None
 
-    wait_for(ready, START_TIMEOUT_S, "the serving node to be ready", [server])
+    assert wait_for(readiness, START_TIMEOUT_S, "the serving node to answer", [server]) == 503
+    assert http.post("/predict", json={"examples": [{}]}).status_code == 503
+
+    processes["trainer"] = trainer = start(config, "train", log=logs / "trainer.log")
+    wait_for(lambda: store.head(), START_TIMEOUT_S, "a first published version", [trainer])
+    wait_for(lambda: readiness() == 200, 30, "the serving node to be ready", [server])
     probe = {"examples": [{k: v for k, v in s.items() if k not in ("label", "ts")} for s in criteo_like(rng, 8)]}
     one = http.post("/predict", json=probe)
     assert one.status_code == 200, one.text
