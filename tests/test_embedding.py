@@ -364,3 +364,43 @@ def _canonical(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def test_load_rejects_another_dim() -> None:
     with pytest.raises(ValueError):
         make(dim=3).load_state_dict(make(dim=4).state_dict())
+
+
+# -- optimizers without a torch counterpart: against their published update rules ----------
+
+
+def _rowwise_adagrad(row, state, g, step, c):
+    state = state + np.mean(g * g)
+    return row - c.lr * g / (np.sqrt(state) + c.eps), state
+
+
+def _adagrad_decay(row, state, g, step, c):
+    """DeepRec KvSparseApplyAdagradDecay: at most one decay per update, counted per row."""
+    accum, power = state if state is not None else (np.full_like(row, c.initial_accumulator_value), 0)
+    if step // c.accumulator_decay_step > power:
+        accum, power = np.maximum(accum * c.accumulator_decay_rate, c.accumulator_baseline), power + 1
+    accum = accum + g * g
+    return row - c.lr * g / (np.sqrt(accum) + c.eps), (accum, power)
+
+
+@pytest.mark.parametrize("config, rule", [
+    (SparseOptimizerConfig(kind="rowwise_adagrad", lr=0.1, initial_accumulator_value=0.01), _rowwise_adagrad),
+    (SparseOptimizerConfig(kind="adagrad_decay", lr=0.1, initial_accumulator_value=0.1, accumulator_decay_step=4,
+                           accumulator_decay_rate=0.5, accumulator_baseline=0.05), _adagrad_decay),
+])
+def test_optimizer_follows_its_update_rule(config: SparseOptimizerConfig, rule) -> None:
+    ev = make(optimizer=config)
+    rng = np.random.default_rng(1)
+    rows: dict[int, np.ndarray] = {}
+    states: dict[int, object] = {}
+    for step in range(1, 40):
+        keys = np.unique(rng.integers(0, 30, size=12))
+        grads = rng.normal(size=(keys.size, DIM)).astype(np.float32)
+        ev.train_lookup(keys)
+        ev.apply_gradients(keys, torch.from_numpy(grads), step)
+        for key, g in zip(keys.tolist(), grads.astype(np.float64)):
+            row = rows.get(key, ev.initial_rows(np.array([key]))[0].astype(np.float64))
+            default = config.initial_accumulator_value if rule is _rowwise_adagrad else None
+            rows[key], states[key] = rule(row, states.get(key, default), g, step, config)
+    keys, values = ev.export()
+    np.testing.assert_allclose(values, np.stack([rows[k] for k in keys.tolist()]), atol=1e-5, rtol=0)

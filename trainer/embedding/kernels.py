@@ -120,20 +120,20 @@ def rowwise_adagrad(slots: np.ndarray, grads: np.ndarray, values: np.ndarray, ac
 @njit(cache=True)
 def adagrad_decay(slots: np.ndarray, grads: np.ndarray, values: np.ndarray, accum: np.ndarray,
                   power: np.ndarray, step: np.int64, lr: np.float32, eps: np.float32,
-                  decay_rate: float, decay_step: np.int64, baseline: np.float32) -> None:
-    """DeepRec's AdagradDecay: before a row's update, its accumulator is multiplied by
-    decay_rate once per decay_step global steps elapsed since its last decay, floored at
-    the baseline, so old evidence fades and a long-lived row keeps learning."""
+                  decay_rate: np.float32, decay_step: np.int64, baseline: np.float32) -> None:
+    """DeepRec's AdagradDecay (KvSparseApplyAdagradDecay): while step // decay_step is ahead
+    of the row's decay count, each update of the row first decays its accumulator once
+    (times decay_rate, floored at baseline), so old evidence fades and a long-lived row
+    keeps learning. eps (DeepRec has none) only guards an all-zero accumulator."""
     target = step // decay_step
     for i in range(slots.size):
         s = slots[i]
         if s < 0:
             continue
         if target > power[s]:
-            factor = np.float32(decay_rate ** (target - power[s]))
-            power[s] = target
+            power[s] += 1
             for j in range(values.shape[1]):
-                accum[s, j] = max(accum[s, j] * factor, baseline)
+                accum[s, j] = max(accum[s, j] * decay_rate, baseline)
         for j in range(values.shape[1]):
             g = grads[i, j]
             a = accum[s, j] + g * g
@@ -158,3 +158,27 @@ def lazy_adam(slots: np.ndarray, grads: np.ndarray, values: np.ndarray, m: np.nd
                 m[s, j] = mj
                 v[s, j] = vj
                 values[s, j] += -step_size * (mj / (np.sqrt(vj) + eps))
+
+
+@njit(cache=True)
+def bag_sum_forward(rows: np.ndarray, inverse: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None:
+    """out[b] = sum of rows[inverse[i]] for i in bag b = [offsets[b], offsets[b + 1])."""
+    for b in range(offsets.size - 1):
+        for j in range(rows.shape[1]):
+            out[b, j] = 0.0
+        for i in range(offsets[b], offsets[b + 1]):
+            r = inverse[i]
+            for j in range(rows.shape[1]):
+                out[b, j] += rows[r, j]
+
+
+@njit(cache=True)
+def bag_sum_backward(grad_out: np.ndarray, inverse: np.ndarray, offsets: np.ndarray,
+                     grad_rows: np.ndarray) -> None:
+    """The transpose of bag_sum_forward: each row collects the gradients of its bags."""
+    grad_rows[:] = 0.0
+    for b in range(offsets.size - 1):
+        for i in range(offsets[b], offsets[b + 1]):
+            r = inverse[i]
+            for j in range(grad_rows.shape[1]):
+                grad_rows[r, j] += grad_out[b, j]

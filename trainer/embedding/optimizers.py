@@ -28,20 +28,18 @@ class SparseOptimizer:
             "sgd": {},
             "adagrad": {"accum": (d, np.float32)},
             "rowwise_adagrad": {"accum": ((), np.float32)},
-            "adagrad_decay": {"accum": (d, np.float32), "decay_power": ((), np.int64)},
+            "adagrad_decay": {"accum": (d, np.float32), "decay_power": ((), np.int32)},
             "lazy_adam": {"m": (d, np.float32), "v": (d, np.float32)},
         }[c.kind]
 
     def bytes_per_row(self) -> int:
         return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in self.layout().values())
 
-    def init_rows(self, state: dict[str, np.ndarray], slots: np.ndarray, step: int) -> None:
-        """State of fresh rows: the accumulator's initial value, zero moments."""
+    def init_rows(self, state: dict[str, np.ndarray], slots: np.ndarray) -> None:
+        """State of fresh rows: the accumulator's initial value; zero moments and decay count."""
         for name, array in state.items():
             if name == "accum":
                 array[slots] = self.config.initial_accumulator_value
-            elif name == "decay_power":
-                array[slots] = step // self.config.accumulator_decay_step
             else:
                 array[slots] = 0
 
@@ -57,7 +55,7 @@ class SparseOptimizer:
             kernels.rowwise_adagrad(slots, grads, values, state["accum"], lr, eps)
         elif c.kind == "adagrad_decay":
             kernels.adagrad_decay(slots, grads, values, state["accum"], state["decay_power"], step, lr,
-                                  eps, c.accumulator_decay_rate, c.accumulator_decay_step,
+                                  eps, np.float32(c.accumulator_decay_rate), c.accumulator_decay_step,
                                   np.float32(c.accumulator_baseline))
         else:
             t = self.step_count

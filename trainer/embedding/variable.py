@@ -83,6 +83,7 @@ class EmbeddingVariable:
         self._tomb_keys = np.zeros(0, dtype=np.int64)
         self._tomb_stamps = np.zeros(0, dtype=np.int64)
         self._tomb_compacted = 0
+        self._lookup_cache: tuple[np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self._index)
@@ -96,6 +97,7 @@ class EmbeddingVariable:
     def train_lookup(self, keys: np.ndarray, counts: np.ndarray | None = None) -> torch.Tensor:
         """Rows of a batch's unique keys, counting sightings and creating admitted rows.
         Returns a fresh float32 tensor; unadmitted keys read the default value."""
+        given = keys
         keys = as_keys(keys)
         slots = self._index.get(keys)
         absent = np.flatnonzero(slots < 0)
@@ -103,16 +105,23 @@ class EmbeddingVariable:
             seen = np.ones(absent.size, np.int64) if counts is None else np.asarray(counts, np.int64)[absent]
             admitted = absent[self._admission.observe(keys[absent], seen, self._step)]
             slots[admitted] = self._create(keys[admitted])
+        self._lookup_cache = (given, slots)
         return self._gather(slots)
 
     def apply_gradients(self, keys: np.ndarray, grads: torch.Tensor | np.ndarray, step: int) -> None:
-        """Updates the admitted rows among `keys` (unique); others' gradients are dropped."""
+        """Updates the admitted rows among `keys` (unique); others' gradients are dropped.
+
+        Given the very array passed to the preceding train_lookup (not modified since), the
+        slots found then are reused: the hash probe is paid once per batch, not twice."""
+        cache, self._lookup_cache = self._lookup_cache, None
+        slots = cache[1] if cache is not None and cache[0] is keys else None
         keys = as_keys(keys)
         if isinstance(grads, torch.Tensor):
             grads = grads.detach().cpu().numpy()
         grads = np.ascontiguousarray(grads, dtype=np.float32).reshape(keys.size, self.dim)
         self._step = max(self._step, step)
-        slots = self._index.get(keys)
+        if slots is None:
+            slots = self._index.get(keys)
         self._optimizer.update(self._values, self._state, slots, grads, step)
         kernels.touch(slots, step, self._clock, self._last_step, self._stamps)
 
@@ -145,7 +154,7 @@ class EmbeddingVariable:
         slots = self._index.put(keys)
         self._fit_rows()
         self._values[slots] = self.initial_rows(keys)
-        self._optimizer.init_rows(self._state, slots, self._step)
+        self._optimizer.init_rows(self._state, slots)
         self._last_step[slots] = self._step
         self._stamps[slots] = self._clock
         return slots
@@ -172,6 +181,7 @@ class EmbeddingVariable:
         ev = self.config.eviction
         self._step = max(self._step, step)
         self._last_eviction = step
+        self._lookup_cache = None
         if ev.steps_to_live:
             self._admission.forget_stale(step, ev.steps_to_live)
         if not (ev.steps_to_live or ev.l2_threshold):
@@ -274,12 +284,20 @@ class EmbeddingVariable:
 
     # -- memory ---------------------------------------------------------------------------
 
+    def memory(self) -> dict[str, int]:
+        """Bytes held, by part. `admission` pays for keys that have no row (yet), so it is
+        not a per-row cost: its size follows the unadmitted tail (or the Bloom filter size)."""
+        rows = [self._values, self._last_step, self._stamps, *self._state.values()]
+        return {
+            "rows": sum(a.nbytes for a in rows),
+            "index": self._index.nbytes,
+            "tombstones": self._tomb_keys.nbytes + self._tomb_stamps.nbytes,
+            "admission": self._admission.nbytes,
+        }
+
     @property
     def nbytes(self) -> int:
-        """Bytes held by the table: rows, state, bookkeeping, index, admission, tombstones."""
-        arrays = [self._values, self._last_step, self._stamps, self._tomb_keys, self._tomb_stamps,
-                  *self._state.values()]
-        return sum(a.nbytes for a in arrays) + self._index.nbytes + self._admission.nbytes
+        return sum(self.memory().values())
 
     def ideal_bytes_per_row(self) -> int:
         """Key, values and optimizer state: the floor any table of these rows pays."""
