@@ -20,13 +20,17 @@ class EmbeddingDefaults(BaseModel):
 
 
 class TrainerConfig(BaseModel):
-    model: Literal["dlrm"] = "dlrm"
+    model: Literal["dlrm", "deepfm", "wide_deep", "dcn_v2"] = "dlrm"
     batch_size: int = Field(default=512, ge=1)
     # A micro-batch closes when full or when this long has passed since its first sample.
     max_batch_wait_ms: int = Field(default=200, ge=1)
     dense_lr: float = Field(default=1e-3, gt=0)
+    # DLRM's MLP on dense features; its last width is the interaction dimension.
     bottom_mlp: list[int] = Field(default_factory=lambda: [64, 16])
+    # DLRM's top MLP, and the deep tower of DeepFM, Wide & Deep and DCN-v2.
     top_mlp: list[int] = Field(default_factory=lambda: [64, 32])
+    cross_layers: int = Field(default=3, ge=1, description="DCN-v2 cross layers")
+    cross_rank: int = Field(default=32, ge=1, description="DCN-v2 low-rank cross weight")
     embedding: EmbeddingDefaults = Field(default_factory=EmbeddingDefaults)
     seed: int = 0
     consumer_group: str = "freshrec-trainer"
