@@ -13,3 +13,5 @@ class StackConfig(BaseModel):
     redis_port: int = 6379
     # pid files, logs and the record of what this stack started.
     run_dir: Path = Path(".freshrec/stack")
+    # When redis-server is missing and we run as root, install Debian's package with apt-get.
+    install_redis: bool = True
