@@ -220,8 +220,6 @@ def test_ensure_topics_is_idempotent(kafka_config: KafkaConfig) -> None:
 
 def test_cli_up_status_down(cfg: StackConfig, monkeypatch: pytest.MonkeyPatch,
                             capsys: pytest.CaptureFixture[str]) -> None:
-    # Only the stack command: the test must not depend on the other commands' modules.
-    monkeypatch.setattr(cli, "COMMANDS", ["stack"])
     monkeypatch.delenv("FRESHREC_CONFIG", raising=False)
     bootstrap = f"127.0.0.1:{cfg.kafka_port}"
     for key, value in {"STACK__KAFKA_PORT": cfg.kafka_port, "STACK__REDIS_PORT": cfg.redis_port,
