@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 from fastapi import FastAPI
+from prometheus_client import start_http_server
 
 from freshrec.settings import Settings, load_settings
 from freshrec.status import StatusBoard, TrainerStatusHook
@@ -19,6 +20,7 @@ from stream.sample import SampleCodec
 from stream.topics import ensure_topics
 from trainer.learner import OnlineLearner
 from trainer.loop import Position, TrainingLoop
+from trainer.metrics import MetricsHook
 from trainer.source import KafkaSampleSource
 
 
@@ -32,10 +34,13 @@ def build_training_loop(settings: Settings) -> TrainingLoop:
     store = RedisVersionStore(settings.redis)
     publisher = Publisher(store, settings.publisher)
     status = TrainerStatusHook(StatusBoard(store.redis, settings.redis), source, publisher)
-    return TrainingLoop(source, learner, [publisher, status], Position(topic=kafka.samples_topic))
+    hooks = [publisher, status, MetricsHook(source)]
+    return TrainingLoop(source, learner, hooks, Position(topic=kafka.samples_topic))
 
 
 def train(settings: Settings, stop: threading.Event) -> TrainingLoop:
+    if settings.trainer.metrics_port:
+        start_http_server(settings.trainer.metrics_port, addr=settings.trainer.metrics_host)
     loop = build_training_loop(settings)
     loop.run(stop)
     return loop

@@ -46,10 +46,10 @@ def produce(kafka_config, messages: list[bytes]) -> None:
     producer.close()
 
 
-def write_settings(path: Path, kafka_config, redis_config, port: int) -> Path:
+def write_settings(path: Path, kafka_config, redis_config, port: int, metrics_port: int) -> Path:
     settings = Settings(
         kafka=kafka_config, redis=redis_config,
-        trainer=TrainerConfig(batch_size=256, max_batch_wait_ms=100),
+        trainer=TrainerConfig(batch_size=256, max_batch_wait_ms=100, metrics_port=metrics_port),
         publisher=PublisherConfig(interval_s=0.5, snapshot_every=4),
         serving=ServingConfig(port=port, follow_block_ms=200),
     )
@@ -91,10 +91,10 @@ def dead_letters(kafka_config, expected: int) -> list:
 
 @pytest.fixture
 def pipeline(tmp_path, kafka_config, redis_config, free_port):
-    port = free_port()
-    config = write_settings(tmp_path / "settings.yaml", kafka_config, redis_config, port)
+    port, metrics_port = free_port(), free_port()
+    config = write_settings(tmp_path / "settings.yaml", kafka_config, redis_config, port, metrics_port)
     processes: dict[str, subprocess.Popen] = {}
-    yield config, port, processes, tmp_path
+    yield config, port, metrics_port, processes, tmp_path
     for p in processes.values():
         if p.poll() is None:
             p.kill()
@@ -102,7 +102,7 @@ def pipeline(tmp_path, kafka_config, redis_config, free_port):
 
 
 def test_events_become_live_predictions(pipeline, kafka_config, redis_config):
-    config, port, processes, logs = pipeline
+    config, port, metrics_port, processes, logs = pipeline
     rng = random.Random(1)
     first = criteo_like(rng, 3000)
     bad = [b"{not json", orjson.dumps({**first[0], "label": 7}), orjson.dumps({**first[0], "I1": "x"})]
@@ -161,6 +161,11 @@ def test_events_become_live_predictions(pipeline, kafka_config, redis_config):
     letters = dead_letters(kafka_config, expected=3)
     reasons = sorted(dict(m.headers)["reason"].decode() for m in letters)
     assert reasons == ["bad_dense", "bad_label", "malformed_json"]
+
+    # The trainer's Prometheus metrics count what it learned and what it refused.
+    metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    assert f"freshrec_trainer_samples_total {float(total - len(bad))}" in metrics
+    assert 'freshrec_trainer_dead_letters_total{reason="bad_label"} 1.0' in metrics
 
     # SIGTERM: the trainer publishes a final version and exits cleanly.
     before = store.head()

@@ -34,5 +34,8 @@ class TrainerConfig(BaseModel):
     embedding: EmbeddingDefaults = Field(default_factory=EmbeddingDefaults)
     seed: int = 0
     consumer_group: str = "freshrec-trainer"
+    # Prometheus metrics of the trainer process are served on this port (0: not served).
+    metrics_port: int = Field(default=9100, ge=0)
+    metrics_host: str = "127.0.0.1"
     # Progressive validation window (samples) for the rolling AUC and log loss.
     metrics_window: int = Field(default=20_000, ge=100)

@@ -90,6 +90,16 @@ class KafkaSampleSource:
             return None
         return MicroBatch(samples, dict(self.positions), produced)
 
+    def lag(self) -> dict[int, int]:
+        """Messages not yet read per partition, from the high watermarks of the last fetch
+        (Tansu's ListOffsets answer is not reliable; the fetch response's is)."""
+        out = {}
+        for tp in self.partitions:
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                out[tp.partition] = max(0, high - self.positions.get(tp.partition, 0))
+        return out
+
     def _dead_letter(self, message, error: InvalidSample) -> None:
         """Keep the original bytes, say why, and where they came from; never block training on it."""
         self.dead_letters[error.reason] += 1
