@@ -51,7 +51,8 @@ class VersionFollower:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=self.block_ms / 1000 + 5)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=self.block_ms / 1000 + 5)
 
     # ---- the loop ------------------------------------------------------------------
 
