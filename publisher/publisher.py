@@ -3,9 +3,10 @@
 The cut happens between two training steps, so sparse rows, dense parameters, offsets and
 watermark all belong to one global step. Copying the changed rows is the only work done
 on the training thread; encoding and Redis writes happen on a writer thread behind a
-bounded queue. When Redis is slow the queue fills and training waits: memory stays
-bounded and no change is ever dropped. Change-log entries are released only after the
-version that carries them is durable.
+bounded queue. When Redis is slow the queue fills and the next cut simply waits: training
+goes on, its changes accumulate in the tables' change stamps (bounded by the table), and
+the next version carries all of them. Nothing is dropped, memory stays bounded.
+Change-log entries are released only after the version that carries them is durable.
 """
 
 from __future__ import annotations
@@ -18,22 +19,37 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import redis
+from prometheus_client import Counter, Gauge, Histogram
 
 from publisher.config import PublisherConfig
+from publisher.gate import QualityGate
 from publisher.manifest import Manifest
-from publisher.payload import Kind, Payload, encode
+from publisher.payload import Compression, Kind, Payload, RowEncoding, encode
 from publisher.redis_store import RedisVersionStore
 from trainer.learner import OnlineLearner
 from trainer.loop import Position
 
 log = logging.getLogger(__name__)
 
+PUBLISHED_VERSION = Gauge("freshrec_publisher_version", "Newest version durably published")
+PUBLISH_SECONDS = Histogram("freshrec_publisher_write_seconds", "Encode and write time of a version",
+                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+PUBLISH_BYTES = Counter("freshrec_publisher_bytes", "Payload bytes written", ["kind"])
+ROWS_PUBLISHED = Counter("freshrec_publisher_rows", "Rows published in deltas")
+TOMBSTONES_PUBLISHED = Counter("freshrec_publisher_tombstones", "Evicted keys published as tombstones")
+WRITE_ERRORS = Counter("freshrec_publisher_write_errors", "Failed attempts to write a version (retried)")
+GATE_OPEN = Gauge("freshrec_publisher_gate_open", "1 while the quality gate lets versions through")
+CUTS_DEFERRED = Counter("freshrec_publisher_cuts_deferred", "Cuts postponed because the writer was behind")
+
+_ROW_ENCODINGS = {"fp32": RowEncoding.FP32, "fp16": RowEncoding.FP16, "int8": RowEncoding.INT8}
+_COMPRESSIONS = {"none": Compression.NONE, "zstd": Compression.ZSTD}
+
 
 @dataclass
 class VersionCut:
     manifest: Manifest
-    delta: dict[str, np.ndarray] | None
-    snapshot: dict[str, np.ndarray] | None
+    delta: Payload | None
+    snapshot: Payload | None
     cursors: dict[str, int]
 
 
@@ -43,76 +59,83 @@ class PublisherStats:
     published_at: float = 0.0
     last_write_s: float = 0.0
     last_bytes: int = 0
-    write_errors: int = 0
+    snapshot_bytes: int = 0  # size of the newest snapshot
+    delta_bytes_since_snapshot: int = 0
     durable: list[tuple[int, dict[str, int]]] = field(default_factory=list)
 
 
 class Publisher:
     """A training-loop hook (trainer.loop.StepHook) that publishes versions to Redis."""
 
-    def __init__(self, store: RedisVersionStore, config: PublisherConfig, queue_size: int = 2) -> None:
+    def __init__(self, store: RedisVersionStore, config: PublisherConfig) -> None:
         self.store = store
         self.config = config
         self.stats = PublisherStats()
-        head = store.head()
-        self.next_version = (head or 0) + 1
+        self.gate = QualityGate(config.gate, store.gate_override)
+        self.next_version = (store.head() or 0) + 1
         self._first = True  # the first version of this trainer has no delta: it is a snapshot
         self._cursors: dict[str, int] = {}
         self._last_cut = 0.0
         self._lock = threading.Lock()
-        self._queue: queue.Queue[VersionCut | None] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[VersionCut | None] = queue.Queue(maxsize=config.max_pending)
         self._writer = threading.Thread(target=self._write_loop, name="publisher-writer", daemon=True)
         self._writer.start()
+        GATE_OPEN.set(1)
 
     # ---- training thread -----------------------------------------------------------
 
     def after_step(self, learner: OnlineLearner, position: Position) -> None:
         self._release_durable(learner)
-        if time.monotonic() - self._last_cut >= self.config.interval_s:
+        if time.monotonic() - self._last_cut < self.config.interval_s:
+            return
+        if self._queue.full():
+            CUTS_DEFERRED.inc()  # the writer is behind: cut later, with everything in it
+            return
+        self._last_cut = time.monotonic()
+        verdict = self.gate.check(learner.metrics.auc(), learner.samples_seen)
+        GATE_OPEN.set(int(verdict.open))
+        if verdict.open:
             self.publish(learner, position)
 
     def close(self, learner: OnlineLearner, position: Position) -> None:
-        """Publish what the trainer learned last, and wait until it is durable."""
-        self.publish(learner, position)
+        """Publish what the trainer learned last (unless the gate holds), and wait until durable."""
+        if self.gate.verdict.open:
+            self.publish(learner, position)
         self._queue.put(None)
         self._writer.join()
         self._release_durable(learner)
 
     def publish(self, learner: OnlineLearner, position: Position) -> None:
         self._last_cut = time.monotonic()
-        cut = self._cut(learner, position)
-        self._queue.put(cut)  # blocks when the writer is behind: backpressure, not loss
+        self._queue.put(self._cut(learner, position))  # blocks only when called directly while full
 
     def _cut(self, learner: OnlineLearner, position: Position) -> VersionCut:
         version = self.next_version
         self.next_version += 1
-        take_snapshot = self._first or version % self.config.snapshot_every == 0
         dense = {f"dense/{k}": v.detach().numpy().copy() for k, v in learner.model.state_dict().items()}
-
-        delta: dict[str, np.ndarray] | None = None
-        rows_changed = tombstones = 0
+        delta = snapshot = None
         cursors: dict[str, int] = {}
+        rows = tombstones = 0
         if not self._first:
-            delta = dict(dense)
+            arrays = dict(dense)
             for name, table in learner.sparse.tables.items():
                 changes = table.changes_since(self._cursors.get(name, 0))
-                delta[f"table/{name}/keys"] = changes.keys
-                delta[f"table/{name}/values"] = changes.values
-                delta[f"table/{name}/tombstones"] = changes.tombstones
+                arrays[f"table/{name}/keys"] = changes.keys
+                arrays[f"table/{name}/values"] = changes.values
+                arrays[f"table/{name}/tombstones"] = changes.tombstones
                 cursors[name] = changes.cursor
-                rows_changed += len(changes.keys)
+                rows += len(changes.keys)
                 tombstones += len(changes.tombstones)
-
-        snapshot: dict[str, np.ndarray] | None = None
-        if take_snapshot:
-            snapshot = dict(dense)
+            delta = Payload(Kind.DELTA, version, version - 1, arrays, self._lossy(learner))
+        if self._first or self._snapshot_due(version):
+            arrays = dict(dense)
             for name, table in learner.sparse.tables.items():
                 full = table.changes_since(0)
-                snapshot[f"table/{name}/keys"] = full.keys
-                snapshot[f"table/{name}/values"] = full.values
-                snapshot[f"table/{name}/default"] = np.array(table.config.default_value, dtype=np.float32)
+                arrays[f"table/{name}/keys"] = full.keys
+                arrays[f"table/{name}/values"] = full.values
+                arrays[f"table/{name}/default"] = np.array(table.config.default_value, dtype=np.float32)
                 cursors.setdefault(name, full.cursor)
-
+            snapshot = Payload(Kind.SNAPSHOT, version, 0, arrays, self._lossy(learner))
         self._cursors.update(cursors)
         self._first = False
         manifest = Manifest(
@@ -125,11 +148,23 @@ class Publisher:
             watermark=position.watermark,
             newest_produced_ms=position.newest_produced_ms,
             created_at=time.time(),
-            rows_changed=rows_changed,
+            rows_changed=rows,
             tombstones=tombstones,
             live_rows=learner.sparse.live_rows(),
         )
         return VersionCut(manifest, delta, snapshot, cursors)
+
+    def _snapshot_due(self, version: int) -> bool:
+        """Every snapshot_every versions, or once the chain of deltas since the last snapshot
+        weighs more than a fraction of it: a new node then loads one snapshot and a short chain."""
+        with self._lock:
+            chain, snapshot = self.stats.delta_bytes_since_snapshot, self.stats.snapshot_bytes
+        by_size = snapshot > 0 and chain > self.config.snapshot_delta_fraction * snapshot
+        return version % self.config.snapshot_every == 0 or by_size
+
+    @staticmethod
+    def _lossy(learner: OnlineLearner) -> frozenset[str]:
+        return frozenset(f"table/{name}/values" for name in learner.sparse.tables)
 
     def _release_durable(self, learner: OnlineLearner) -> None:
         with self._lock:
@@ -151,7 +186,7 @@ class Publisher:
                 self._write(cut)
                 return
             except redis.RedisError as e:
-                self.stats.write_errors += 1
+                WRITE_ERRORS.inc()
                 log.warning("publishing version %d failed (%s); retrying in %.1fs", cut.manifest.version, e, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -159,23 +194,38 @@ class Publisher:
     def _write(self, cut: VersionCut) -> None:
         started = time.monotonic()
         m = cut.manifest
-        size = 0
-        if cut.delta is not None:
-            data = encode(Payload(Kind.DELTA, m.version, m.base_version, cut.delta))
-            m.delta = self.store.write_payload(Kind.DELTA, m.version, data, self.config.chunk_bytes)
-            size += len(data)
-        if cut.snapshot is not None:
-            data = encode(Payload(Kind.SNAPSHOT, m.version, 0, cut.snapshot))
-            m.snapshot = self.store.write_payload(Kind.SNAPSHOT, m.version, data, self.config.chunk_bytes)
-            size += len(data)
+        rows = _ROW_ENCODINGS[self.config.row_encoding]
+        compression = _COMPRESSIONS[self.config.compression]
+        sizes = {}
+        for kind, payload in ((Kind.DELTA, cut.delta), (Kind.SNAPSHOT, cut.snapshot)):
+            if payload is None:
+                continue
+            data = encode(payload, rows=rows, compression=compression)
+            ref = self.store.write_payload(kind, m.version, data, self.config.chunk_bytes)
+            if kind is Kind.DELTA:
+                m.delta = ref
+            else:
+                m.snapshot = ref
+            sizes[kind] = len(data)
+            PUBLISH_BYTES.labels(kind.name.lower()).inc(len(data))
         self.store.commit(m)
         if cut.snapshot is not None:
             self.store.retain(self.config.keep_snapshots)
+        elapsed = time.monotonic() - started
         with self._lock:
             self.stats.durable.append((m.version, cut.cursors))
             self.stats.published_version = m.version
             self.stats.published_at = time.time()
-            self.stats.last_write_s = time.monotonic() - started
-            self.stats.last_bytes = size
-        log.debug("published version %d (%d bytes, %d rows, %d tombstones) in %.3fs", m.version, size,
-                  m.rows_changed, m.tombstones, self.stats.last_write_s)
+            self.stats.last_write_s = elapsed
+            self.stats.last_bytes = sum(sizes.values())
+            if Kind.SNAPSHOT in sizes:
+                self.stats.snapshot_bytes = sizes[Kind.SNAPSHOT]
+                self.stats.delta_bytes_since_snapshot = 0
+            else:
+                self.stats.delta_bytes_since_snapshot += sizes.get(Kind.DELTA, 0)
+        PUBLISHED_VERSION.set(m.version)
+        PUBLISH_SECONDS.observe(elapsed)
+        ROWS_PUBLISHED.inc(m.rows_changed)
+        TOMBSTONES_PUBLISHED.inc(m.tombstones)
+        log.debug("published version %d (%d bytes, %d rows, %d tombstones) in %.3fs", m.version,
+                  self.stats.last_bytes, m.rows_changed, m.tombstones, elapsed)

@@ -2,6 +2,7 @@
 
 Keys, all under `<prefix>:<model>:`
     payload:<kind>:<version>:<chunk>   binary payload chunks (publisher/payload.py)
+    gate                               operator override of the quality gate: open | hold
     manifest:<version>                 JSON manifest (publisher/manifest.py)
     snapshots                          sorted set of versions that have a snapshot
     head                               newest complete version
@@ -25,8 +26,10 @@ STREAM_MAXLEN = 10_000
 
 
 def connect(config: RedisConfig) -> redis.Redis:
+    tls = {k: v for k, v in {"ssl_ca_certs": config.ssl_ca_certs, "ssl_certfile": config.ssl_certfile,
+                             "ssl_keyfile": config.ssl_keyfile}.items() if v is not None}
     return redis.Redis.from_url(config.url, password=config.password, socket_timeout=30,
-                                socket_connect_timeout=5, health_check_interval=15)
+                                socket_connect_timeout=5, health_check_interval=15, **tls)
 
 
 class RedisVersionStore:
@@ -85,6 +88,21 @@ class RedisVersionStore:
                 if ref is not None:
                     keys += [self.key("payload", kind.name.lower(), version, i) for i in range(ref.chunks)]
         self.redis.delete(*keys)
+
+    def set_gate_override(self, value: str | None) -> None:
+        """'open' or 'hold' overrides the publisher's quality gate; None returns it to automatic."""
+        if value is None:
+            self.redis.delete(self.key("gate"))
+        else:
+            self.redis.set(self.key("gate"), value)
+
+    def gate_override(self) -> str | None:
+        try:
+            raw = self.redis.get(self.key("gate"))
+        except redis.RedisError:
+            return None  # Redis away: the gate decides on metrics alone
+        value = raw.decode() if raw else None
+        return value if value in ("open", "hold") else None
 
     # ---- reading -------------------------------------------------------------------
 

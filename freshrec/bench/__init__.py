@@ -1,0 +1,1 @@
+"""Benchmarks: each module measures freshrec beside a baseline in one run."""
