@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit
 
 from trainer.embedding.config import AdmissionConfig
-from trainer.embedding.keyindex import KeyIndex, hash64
+from trainer.embedding.keyindex import KeyIndex, claim, hash64, probe, release
 
 _SALT = np.int64(0x5BD1E9955BD1E995)
 
@@ -43,6 +43,39 @@ class Admission:
         return 0
 
 
+@njit(cache=True)
+def _count(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.ndarray, counts: np.ndarray,
+           last_seen: np.ndarray, keys: np.ndarray, adds: np.ndarray, step: np.int64, freq: np.int64,
+           admitted: np.ndarray) -> None:
+    """One pass per key: find or create its counter, add, and drop it once admitted (the row
+    takes over; a key evicted later has to earn admission again)."""
+    for i in range(keys.size):
+        pos, slot = probe(table, slot_key, keys[i])
+        total = adds[i] + (counts[slot] if slot >= 0 else 0)
+        admitted[i] = total >= freq
+        if admitted[i]:
+            if slot >= 0:
+                counts[slot] = 0  # marks the slot free for _stale
+                release(table, slot_key, free, meta, pos, slot)
+        else:
+            if slot < 0:
+                slot = claim(table, slot_key, free, meta, keys[i], pos)
+            counts[slot] = total
+            last_seen[slot] = step
+
+
+@njit(cache=True)
+def _stale(counts: np.ndarray, last_seen: np.ndarray, step: np.int64, steps_to_live: np.int64) -> np.ndarray:
+    """Slots of counters (count > 0: in use) not seen for more than steps_to_live steps."""
+    out = np.empty(counts.size, dtype=np.int64)
+    n = 0
+    for s in range(counts.size):
+        if counts[s] > 0 and step - last_seen[s] > steps_to_live:
+            out[n] = s
+            n += 1
+    return out[:n]
+
+
 class ExactAdmission(Admission):
     def __init__(self, filter_freq: int) -> None:
         self._freq = filter_freq
@@ -50,22 +83,18 @@ class ExactAdmission(Admission):
         self._counts = np.zeros(self._index.slot_capacity, dtype=np.int64)
         self._last_seen = np.zeros(self._index.slot_capacity, dtype=np.int64)
 
-    def __len__(self) -> int:
-        return len(self._index)
-
     def observe(self, keys: np.ndarray, counts: np.ndarray, step: int) -> np.ndarray:
-        slots, is_new = self._index.insert(keys)
+        table, slot_key, free, meta = self._index.arrays(keys.size)
         self._fit()
-        self._counts[slots[is_new]] = 0
-        self._counts[slots] += counts
-        self._last_seen[slots] = step
-        admitted = self._counts[slots] >= self._freq
-        self._index.remove(keys[admitted])
+        admitted = np.empty(keys.size, dtype=np.bool_)
+        _count(table, slot_key, free, meta, self._counts, self._last_seen, keys, counts, step, self._freq, admitted)
         return admitted
 
     def forget_stale(self, step: int, steps_to_live: int) -> None:
-        keys, slots = self._index.items()
-        self._index.remove(keys[step - self._last_seen[slots] > steps_to_live])
+        hw = self._index.high_water
+        slots = _stale(self._counts[:hw], self._last_seen[:hw], step, steps_to_live)
+        self._index.remove(self._index.keys_of(slots))
+        self._counts[slots] = 0
 
     def state_dict(self) -> dict[str, np.ndarray]:
         keys, slots = self._index.items()

@@ -13,30 +13,36 @@ from numba import njit
 
 from trainer.embedding.keyindex import hash64
 
-_TWO_PI = 2.0 * np.pi
-_INV_2_53 = 1.0 / 9007199254740992.0
+_TWO_PI = np.float32(2.0 * np.pi)
+_INV_2_24 = np.float32(1.0 / 16777216.0)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_S11 = np.uint64(11)
+_S40 = np.uint64(40)
 
 
 @njit(cache=True, inline="always")
-def _uniform(seed_hash: np.uint64, key: np.int64, j: np.int64) -> float:
-    """Uniform in (0, 1], a pure function of (seed, key, j): counter-based, no state."""
+def _uniform(seed_hash: np.uint64, key: np.int64, j: np.int64) -> np.float32:
+    """Uniform in (0, 1] on a 2^-24 grid, a pure function of (seed, key, j): counter-based,
+    no state. float32 throughout: the transcendentals dominate row creation."""
     x = hash64(np.int64(hash64(key) ^ seed_hash) + j * np.int64(_GOLDEN))
-    return (np.float64(x >> _S11) + 1.0) * _INV_2_53
+    return (np.float32(x >> _S40) + np.float32(1.0)) * _INV_2_24
 
 
 @njit(cache=True)
-def init_rows(keys: np.ndarray, seed: np.int64, std: float, out: np.ndarray) -> None:
+def init_rows(keys: np.ndarray, rows: np.ndarray, seed: np.int64, std: np.float32, out: np.ndarray) -> None:
     """N(0, std^2) by Box-Muller from (seed, key): a key's first row is the same in every run
-    and on every trainer, whatever order keys arrive in."""
+    and on every trainer, whatever order keys arrive in. Each pair of uniforms gives two
+    normals (cos and sin): row creation is a hot path under id churn. Key i's row is
+    written to out[rows[i]], straight into the table."""
     seed_hash = hash64(seed)
     dim = out.shape[1]
     for i in range(keys.size):
-        for j in range(dim):
-            u1 = _uniform(seed_hash, keys[i], 2 * j)
-            u2 = _uniform(seed_hash, keys[i], 2 * j + 1)
-            out[i, j] = std * np.sqrt(-2.0 * np.log(u1)) * np.cos(_TWO_PI * u2)
+        r = rows[i]
+        for j in range(0, dim, 2):
+            radius = std * np.sqrt(np.float32(-2.0) * np.log(_uniform(seed_hash, keys[i], j)))
+            angle = _TWO_PI * _uniform(seed_hash, keys[i], j + 1)
+            out[r, j] = radius * np.cos(angle)
+            if j + 1 < dim:
+                out[r, j + 1] = radius * np.sin(angle)
 
 
 @njit(cache=True)
@@ -182,3 +188,33 @@ def bag_sum_backward(grad_out: np.ndarray, inverse: np.ndarray, offsets: np.ndar
             r = inverse[i]
             for j in range(grad_rows.shape[1]):
                 grad_rows[r, j] += grad_out[b, j]
+
+
+@njit(cache=True)
+def unique(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keys in first-seen order, inverse, counts) through a throwaway hash table."""
+    n = ids.size
+    size = 16
+    while size < 2 * n:
+        size *= 2
+    mask = np.uint64(size - 1)
+    table = np.full(size, -1, dtype=np.int64)
+    keys = np.empty(n, dtype=np.int64)
+    counts = np.zeros(n, dtype=np.int64)
+    inverse = np.empty(n, dtype=np.int64)
+    m = 0
+    for i in range(n):
+        pos = hash64(ids[i]) & mask
+        while True:
+            u = table[pos]
+            if u < 0:
+                table[pos] = m
+                keys[m] = ids[i]
+                u = m
+                m += 1
+            if keys[u] == ids[i]:
+                counts[u] += 1
+                inverse[i] = u
+                break
+            pos = (pos + np.uint64(1)) & mask
+    return keys[:m].copy(), inverse, counts[:m].copy()

@@ -22,7 +22,7 @@ _SLOT_MASK = np.int64((1 << 40) - 1)
 _TAG_SHIFT = np.uint64(41)
 _EMPTY = np.int64(-1)
 _MAX_LOAD = 0.75
-_SLOT_GROWTH = 1.25
+_SLOT_GROWTH = 1.125
 
 _M1 = np.uint64(0xFF51AFD7ED558CCD)
 _M2 = np.uint64(0xC4CEB9FE1A85EC53)
@@ -42,7 +42,7 @@ def hash64(key: np.int64) -> np.uint64:
 
 
 @njit(cache=True, inline="always")
-def _probe(table: np.ndarray, slot_key: np.ndarray, key: np.int64) -> tuple[np.int64, np.int64]:
+def probe(table: np.ndarray, slot_key: np.ndarray, key: np.int64) -> tuple[np.int64, np.int64]:
     """(bucket, slot) of `key`, or (first empty bucket on its chain, -1)."""
     mask = np.int64(table.size - 1)
     h = hash64(key)
@@ -62,57 +62,66 @@ def _probe(table: np.ndarray, slot_key: np.ndarray, key: np.int64) -> tuple[np.i
 @njit(cache=True)
 def _get(table: np.ndarray, slot_key: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
     for i in range(keys.size):
-        out[i] = _probe(table, slot_key, keys[i])[1]
+        out[i] = probe(table, slot_key, keys[i])[1]
+
+
+@njit(cache=True, inline="always")
+def claim(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.ndarray,
+          key: np.int64, pos: np.int64) -> np.int64:
+    """Inserts `key` at the empty bucket `pos` that _probe found; returns its new slot.
+    meta = [size, high_water, free_top]; freed slots are reused first."""
+    if meta[2] > 0:
+        meta[2] -= 1
+        slot = free[meta[2]]
+    else:
+        slot = meta[1]
+        meta[1] += 1
+    slot_key[slot] = key
+    table[pos] = (np.int64(hash64(key) >> _TAG_SHIFT) << _SLOT_BITS) | slot
+    meta[0] += 1
+    return slot
+
+
+@njit(cache=True, inline="always")
+def release(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.ndarray,
+            hole: np.int64, slot: np.int64) -> None:
+    """Removes the entry at bucket `hole` (holding `slot`), shifting back the later entries
+    of its run whose home bucket is not in (hole, j], so no probe chain is ever broken."""
+    mask = np.int64(table.size - 1)
+    free[meta[2]] = slot
+    meta[2] += 1
+    meta[0] -= 1
+    j = hole
+    while True:
+        j = (j + 1) & mask
+        entry = table[j]
+        if entry < 0:
+            break
+        home = np.int64(hash64(slot_key[entry & _SLOT_MASK]) & np.uint64(mask))
+        if (hole <= j and hole < home <= j) or (hole > j and (home > hole or home <= j)):
+            continue
+        table[hole] = entry
+        hole = j
+    table[hole] = _EMPTY
 
 
 @njit(cache=True)
 def _put(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.ndarray,
          keys: np.ndarray, out: np.ndarray, is_new: np.ndarray) -> None:
-    """meta = [size, high_water, free_top]. The caller has made room for every key."""
     for i in range(keys.size):
-        key = keys[i]
-        pos, slot = _probe(table, slot_key, key)
-        if slot < 0:
-            if meta[2] > 0:
-                meta[2] -= 1
-                slot = free[meta[2]]
-            else:
-                slot = meta[1]
-                meta[1] += 1
-            slot_key[slot] = key
-            table[pos] = (np.int64(hash64(key) >> _TAG_SHIFT) << _SLOT_BITS) | slot
-            meta[0] += 1
-            is_new[i] = True
-        else:
-            is_new[i] = False
-        out[i] = slot
+        pos, slot = probe(table, slot_key, keys[i])
+        is_new[i] = slot < 0
+        out[i] = claim(table, slot_key, free, meta, keys[i], pos) if slot < 0 else slot
 
 
 @njit(cache=True)
 def _remove(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.ndarray,
             keys: np.ndarray, out: np.ndarray) -> None:
-    mask = np.int64(table.size - 1)
     for i in range(keys.size):
-        hole, slot = _probe(table, slot_key, keys[i])
+        hole, slot = probe(table, slot_key, keys[i])
         out[i] = slot
-        if slot < 0:
-            continue
-        free[meta[2]] = slot
-        meta[2] += 1
-        meta[0] -= 1
-        # Backward-shift: move up every later entry of the run whose home is not in (hole, j].
-        j = hole
-        while True:
-            j = (j + 1) & mask
-            entry = table[j]
-            if entry < 0:
-                break
-            home = np.int64(hash64(slot_key[entry & _SLOT_MASK]) & np.uint64(mask))
-            if (hole <= j and hole < home <= j) or (hole > j and (home > hole or home <= j)):
-                continue
-            table[hole] = entry
-            hole = j
-        table[hole] = _EMPTY
+        if slot >= 0:
+            release(table, slot_key, free, meta, hole, slot)
 
 
 @njit(cache=True)
@@ -181,9 +190,7 @@ class KeyIndex:
     def remove(self, keys: np.ndarray) -> np.ndarray:
         """Removes keys; returns their former slots (-1 for absent keys), now free for reuse."""
         keys = as_keys(keys)
-        need = int(self._meta[2]) + keys.size
-        if need > self._free.size:
-            self._free = grown(self._free, max(need, 2 * self._free.size))
+        self._reserve_removals(keys.size)
         out = np.empty(keys.size, dtype=np.int64)
         _remove(self._table, self._slot_key, self._free, self._meta, keys, out)
         return out
@@ -195,6 +202,18 @@ class KeyIndex:
 
     def keys_of(self, slots: np.ndarray) -> np.ndarray:
         return self._slot_key[slots]
+
+    def arrays(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(table, slot_key, free, meta) with room for n inserts and n removals, for kernels
+        that combine probe/claim/release with their own per-slot work in one pass."""
+        self._reserve(n)
+        self._reserve_removals(n)
+        return self._table, self._slot_key, self._free, self._meta
+
+    def _reserve_removals(self, n: int) -> None:
+        need = int(self._meta[2]) + n
+        if need > self._free.size:
+            self._free = grown(self._free, max(need, 2 * self._free.size))
 
     def _reserve(self, n: int) -> None:
         """Room for n more keys, in the probe table and in slots (free ones count)."""

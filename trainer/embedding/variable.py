@@ -142,7 +142,7 @@ class EmbeddingVariable:
         """The values rows of these keys start from when created (a pure function of seed, key)."""
         keys = as_keys(keys)
         out = np.empty((keys.size, self.dim), dtype=np.float32)
-        kernels.init_rows(keys, self.config.seed, self.config.init_std, out)
+        kernels.init_rows(keys, np.arange(keys.size), self.config.seed, np.float32(self.config.init_std), out)
         return out
 
     def _gather(self, slots: np.ndarray) -> torch.Tensor:
@@ -153,10 +153,9 @@ class EmbeddingVariable:
     def _create(self, keys: np.ndarray) -> np.ndarray:
         slots = self._index.put(keys)
         self._fit_rows()
-        self._values[slots] = self.initial_rows(keys)
+        kernels.init_rows(keys, slots, self.config.seed, np.float32(self.config.init_std), self._values)
         self._optimizer.init_rows(self._state, slots)
-        self._last_step[slots] = self._step
-        self._stamps[slots] = self._clock
+        kernels.touch(slots, self._step, self._clock, self._last_step, self._stamps)
         return slots
 
     def _fit_rows(self) -> None:
