@@ -404,3 +404,29 @@ def test_optimizer_follows_its_update_rule(config: SparseOptimizerConfig, rule) 
             rows[key], states[key] = rule(row, states.get(key, default), g, step, config)
     keys, values = ev.export()
     np.testing.assert_allclose(values, np.stack([rows[k] for k in keys.tolist()]), atol=1e-5, rtol=0)
+
+
+def test_a_publisher_thread_cutting_during_training_misses_nothing() -> None:
+    import threading
+
+    ev = make(eviction=EvictionConfig(steps_to_live=2, every_n_steps=1))
+    replica: dict[int, np.ndarray] = {}
+    done = threading.Event()
+
+    def publish() -> None:
+        cursor = 0
+        while not done.is_set():
+            changes = ev.changes_since(cursor)
+            _apply(replica, changes)
+            cursor = changes.cursor
+        _apply(replica, ev.changes_since(cursor))
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    rng = np.random.default_rng(0)
+    for step in range(1, 300):
+        train_step(ev, np.unique(rng.integers(0, 200, 30)), step, scale=0.01)
+        ev.maybe_evict(step)
+    done.set()
+    publisher.join()
+    _assert_same(replica, ev)

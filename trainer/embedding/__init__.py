@@ -8,6 +8,7 @@ from trainer.embedding.config import (
     SparseOptimizerConfig,
 )
 from trainer.embedding.keyindex import KeyIndex
+from trainer.embedding.pooling import bag_sum, bag_sum_concat, unique_ids
 from trainer.embedding.variable import EmbeddingVariable, TableChanges
 
 __all__ = [
@@ -18,4 +19,7 @@ __all__ = [
     "KeyIndex",
     "SparseOptimizerConfig",
     "TableChanges",
+    "bag_sum",
+    "bag_sum_concat",
+    "unique_ids",
 ]

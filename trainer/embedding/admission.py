@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit
 
 from trainer.embedding.config import AdmissionConfig
+from trainer.embedding.kernels import elapsed_steps
 from trainer.embedding.keyindex import KeyIndex, claim, hash64, probe, release
 
 _SALT = np.int64(0x5BD1E9955BD1E995)
@@ -61,7 +62,7 @@ def _count(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.n
             if slot < 0:
                 slot = claim(table, slot_key, free, meta, keys[i], pos)
             counts[slot] = total
-            last_seen[slot] = step
+            last_seen[slot] = np.uint32(step & 0xFFFFFFFF)
 
 
 @njit(cache=True)
@@ -70,7 +71,7 @@ def _stale(counts: np.ndarray, last_seen: np.ndarray, step: np.int64, steps_to_l
     out = np.empty(counts.size, dtype=np.int64)
     n = 0
     for s in range(counts.size):
-        if counts[s] > 0 and step - last_seen[s] > steps_to_live:
+        if counts[s] > 0 and elapsed_steps(step, last_seen[s]) > steps_to_live:
             out[n] = s
             n += 1
     return out[:n]
@@ -80,8 +81,8 @@ class ExactAdmission(Admission):
     def __init__(self, filter_freq: int) -> None:
         self._freq = filter_freq
         self._index = KeyIndex(1024)
-        self._counts = np.zeros(self._index.slot_capacity, dtype=np.int64)
-        self._last_seen = np.zeros(self._index.slot_capacity, dtype=np.int64)
+        self._counts = np.zeros(self._index.slot_capacity, dtype=np.int32)  # < filter_freq
+        self._last_seen = np.zeros(self._index.slot_capacity, dtype=np.uint32)  # step mod 2^32
 
     def observe(self, keys: np.ndarray, counts: np.ndarray, step: int) -> np.ndarray:
         table, slot_key, free, meta = self._index.arrays(keys.size)
@@ -103,8 +104,8 @@ class ExactAdmission(Admission):
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         self._index = KeyIndex(max(1024, state["keys"].size))
         slots = self._index.put(state["keys"])
-        self._counts = np.zeros(self._index.slot_capacity, dtype=np.int64)
-        self._last_seen = np.zeros(self._index.slot_capacity, dtype=np.int64)
+        self._counts = np.zeros(self._index.slot_capacity, dtype=np.int32)
+        self._last_seen = np.zeros(self._index.slot_capacity, dtype=np.uint32)
         self._counts[slots] = state["counts"]
         self._last_seen[slots] = state["last_seen"]
 

@@ -75,11 +75,20 @@ def gather_sum(values: np.ndarray, slots: np.ndarray, offsets: np.ndarray,
 @njit(cache=True)
 def touch(slots: np.ndarray, step: np.int64, stamp: np.int64,
           last_step: np.ndarray, stamps: np.ndarray) -> None:
-    """Records an update: for steps_to_live eviction and for the publisher's change cut."""
+    """Records an update: for steps_to_live eviction and for the publisher's change cut.
+    last_step keeps step mod 2^32 (4 bytes a row): see elapsed_steps."""
+    low = np.uint32(step & 0xFFFFFFFF)
     for s in slots:
         if s >= 0:
-            last_step[s] = step
+            last_step[s] = low
             stamps[s] = stamp
+
+
+@njit(cache=True, inline="always")
+def elapsed_steps(step: np.int64, last: np.uint32) -> np.int64:
+    """Steps since `last` (a step mod 2^32); exact while fewer than 2^32 steps have passed,
+    and eviction removes idle rows long before that."""
+    return (step - np.int64(last)) & np.int64(0xFFFFFFFF)
 
 
 @njit(cache=True)

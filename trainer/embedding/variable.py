@@ -10,11 +10,15 @@ caller's cursor. A stamp is one int64 per row, so no number of updates between c
 overflow it (Monolith's bounded touched-key set drops updates when it overflows).
 Evictions go to a tombstone log, trimmed by `release` once a cursor is durably published.
 
-Single writer: the trainer thread mutates; a publisher cuts between steps.
+Thread safety: every public method holds the table's lock, so a publisher thread may cut
+while the trainer thread steps. Without it a cut could close the epoch between an update
+reading the open epoch and stamping its rows, and that update would never be published.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +44,15 @@ class TableChanges:
     cursor: int
 
 
+def _locked(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 @njit(cache=True)
 def _eviction_mask(stamps: np.ndarray, last_step: np.ndarray, values: np.ndarray, step: np.int64,
                    steps_to_live: np.int64, l2_threshold: float) -> np.ndarray:
@@ -50,7 +63,7 @@ def _eviction_mask(stamps: np.ndarray, last_step: np.ndarray, values: np.ndarray
     for s in range(stamps.size):
         if stamps[s] <= 0:
             continue
-        if steps_to_live > 0 and step - last_step[s] > steps_to_live:
+        if steps_to_live > 0 and kernels.elapsed_steps(step, last_step[s]) > steps_to_live:
             out[s] = True
         elif l2_threshold > 0:
             sq = 0.0
@@ -67,6 +80,7 @@ class EmbeddingVariable:
         self._default = np.float32(config.default_value)
         self._optimizer = SparseOptimizer(config.optimizer, config.dim)
         self._admission = make_admission(config.admission)
+        self._lock = threading.RLock()
         self._reset(config.initial_capacity)
 
     def _reset(self, capacity: int) -> None:
@@ -75,7 +89,7 @@ class EmbeddingVariable:
         self._values = np.zeros((rows, self.dim), dtype=np.float32)
         self._state = {name: np.zeros((rows,) + shape, dtype=dtype)
                        for name, (shape, dtype) in self._optimizer.layout().items()}
-        self._last_step = np.zeros(rows, dtype=np.int64)
+        self._last_step = np.zeros(rows, dtype=np.uint32)  # step mod 2^32 of the last update
         self._stamps = np.zeros(rows, dtype=np.int64)  # 0: free slot
         self._clock = 1  # the open epoch: stamp of changes made now
         self._step = 0  # the latest global step seen
@@ -94,6 +108,7 @@ class EmbeddingVariable:
 
     # -- training -------------------------------------------------------------------------
 
+    @_locked
     def train_lookup(self, keys: np.ndarray, counts: np.ndarray | None = None) -> torch.Tensor:
         """Rows of a batch's unique keys, counting sightings and creating admitted rows.
         Returns a fresh float32 tensor; unadmitted keys read the default value."""
@@ -108,8 +123,12 @@ class EmbeddingVariable:
         self._lookup_cache = (given, slots)
         return self._gather(slots)
 
+    @_locked
     def apply_gradients(self, keys: np.ndarray, grads: torch.Tensor | np.ndarray, step: int) -> None:
         """Updates the admitted rows among `keys` (unique); others' gradients are dropped.
+        `step` is the global step of this update (1 for the first): steps_to_live counts from
+        it, and adagrad_decay decays when step // decay_step passes a row's decay count,
+        as DeepRec does with its global_step + 1.
 
         Given the very array passed to the preceding train_lookup (not modified since), the
         slots found then are reused: the hash probe is paid once per batch, not twice."""
@@ -125,11 +144,13 @@ class EmbeddingVariable:
         self._optimizer.update(self._values, self._state, slots, grads, step)
         kernels.touch(slots, step, self._clock, self._last_step, self._stamps)
 
+    @_locked
     def lookup(self, keys: np.ndarray) -> torch.Tensor:
         """Read-only: rows or the default value, shaped keys.shape + (dim,)."""
         keys = np.asarray(keys)
         return self._gather(self._index.get(keys)).reshape(*keys.shape, self.dim)
 
+    @_locked
     def pooled_lookup(self, keys: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
         """Read-only sum-pooling of bags keys[offsets[b]:offsets[b + 1]] (multi-valued
         features at serving time), without materialising one row per key."""
@@ -169,12 +190,14 @@ class EmbeddingVariable:
 
     # -- eviction -------------------------------------------------------------------------
 
+    @_locked
     def maybe_evict(self, step: int) -> int:
         """Evicts if every_n_steps have passed since the last run; returns rows evicted."""
         if step - self._last_eviction < self.config.eviction.every_n_steps:
             return 0
         return int(self.evict(step).size)
 
+    @_locked
     def evict(self, step: int) -> np.ndarray:
         """Removes idle and small rows now; returns their keys (tombstones for serving)."""
         ev = self.config.eviction
@@ -215,6 +238,7 @@ class EmbeddingVariable:
 
     # -- change tracking ------------------------------------------------------------------
 
+    @_locked
     def changes_since(self, cursor: int) -> TableChanges:
         """Current values of rows changed after `cursor`, and keys evicted after it that are
         not live now. Cursor 0 is a full export (no tombstones: it replaces the table)."""
@@ -228,6 +252,7 @@ class EmbeddingVariable:
             tombstones = tombstones[self._index.get(tombstones) < 0]
         return TableChanges(self._index.keys_of(slots), self._values[slots], tombstones, cut)
 
+    @_locked
     def release(self, cursor: int) -> None:
         """Everything up to `cursor` is durably published: its tombstones are no longer needed."""
         keep = self._tomb_stamps > cursor
@@ -236,10 +261,12 @@ class EmbeddingVariable:
 
     # -- state ----------------------------------------------------------------------------
 
+    @_locked
     def export(self) -> tuple[np.ndarray, np.ndarray]:
         keys, slots = self._index.items()
         return keys, self._values[slots]
 
+    @_locked
     def state_dict(self) -> dict[str, np.ndarray]:
         """Everything needed to resume training and publishing, as plain numpy arrays."""
         keys, slots = self._index.items()
@@ -260,6 +287,7 @@ class EmbeddingVariable:
         state.update({f"admission.{name}": array.copy() for name, array in self._admission.state_dict().items()})
         return state
 
+    @_locked
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         if int(state["dim"]) != self.dim:
             raise ValueError(f"state has dim {int(state['dim'])}, table {self.config.name!r} has {self.dim}")
@@ -268,7 +296,7 @@ class EmbeddingVariable:
         slots = self._index.put(keys)
         self._fit_rows()
         self._values[slots] = state["values"]
-        self._last_step[slots] = state["last_step"]
+        self._last_step[slots] = np.asarray(state["last_step"]).astype(np.uint32)
         self._stamps[slots] = state["stamps"]
         for name, array in self._state.items():
             array[slots] = state[f"optimizer.{name}"]
