@@ -1,92 +1,135 @@
 """The serving node's HTTP API (FastAPI).
 
-    POST /predict   scores for examples, or for ranking candidates under shared context
-    GET  /healthz   the process is up
-    GET  /readyz    a version is loaded (503 until then)
-    GET  /model     version, lag behind the head, age, table sizes, last error
+    POST /predict         scores for examples, or for ranking candidates under shared context
+    GET  /healthz         the process is up
+    GET  /readyz          a version is loaded and it is within the lag bound (503 otherwise)
+    GET  /metrics         Prometheus
+    GET  /model           version, head, lag, age, pin, table sizes, last error
+    GET  /admin/versions  versions retained in Redis            (admin: Bearer token)
+    POST /admin/pin       {"version": v|null}: serve v, stop following
+    POST /admin/rollback  {"version": v}: go back to a retained version, and stay there
+    POST /admin/unpin     follow the head again
+
+/predict runs on the event loop: the body is validated from bytes in one pass, the version
+is acquired, rows gathered (nogil kernels) and the dense net run, and the answer encoded
+with orjson; no thread hand-off, no per-example dicts.
 """
 
 from __future__ import annotations
 
+import hmac
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated
 
+import orjson
+import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from publisher.config import RedisConfig
 from publisher.redis_store import RedisVersionStore
-from serving.api import ModelInfo, PredictRequest, PredictResponse
+from serving.api import InvalidRequest, ModelInfo, PredictResponse, RequestParser, TooLarge, VersionRequest
 from serving.config import ServingConfig
-from serving.follower import VersionFollower
-from serving.model import ServingModel
-from stream.sample import InvalidSample, SampleCodec
+from serving.follower import NotRetained, VersionFollower
+from serving.metrics import ServingMetrics, readiness
+from serving.model import ModelHolder
+from serving.table import RowTable
 from stream.schema import FeatureSchema
 from trainer.config import TrainerConfig
 
-
-def current_model(request: Request) -> ServingModel:
-    """The version this request is answered from, taken once: later swaps do not affect it."""
-    model = request.app.state.follower.current
-    if model is None:
-        raise HTTPException(503, "no model version loaded yet")
-    return model
+PREDICT_EXAMPLE = {"context": {"I1": 3, "C2": "7a3e"}, "candidates": [{"C1": "a"}, {"C1": "b"}]}
 
 
-CurrentModel = Annotated[ServingModel, Depends(current_model)]
+def _json(content: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status, media_type="application/json")
 
 
 def create_app(schema: FeatureSchema, trainer_config: TrainerConfig, redis_config: RedisConfig,
                config: ServingConfig) -> FastAPI:
-    follower = VersionFollower(RedisVersionStore(redis_config), schema, trainer_config, config.follow_block_ms)
-    codec = SampleCodec(schema)
+    metrics = ServingMetrics()
+    follower = VersionFollower(RedisVersionStore(redis_config), schema, trainer_config, config.follow_block_ms,
+                               on_apply=metrics.observe_apply, on_error=metrics.observe_error)
+    metrics.watch(follower, config.max_lag_versions, config.max_lag_seconds)
+    parser = RequestParser(schema, config.max_examples)
+    max_body = config.max_body_bytes
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        torch.set_num_threads(config.torch_threads)
+        _warm_up(schema, trainer_config)
         follower.start()
         yield
-        follower.stop()
+        await run_in_threadpool(follower.stop)
 
     app = FastAPI(title="freshrec serving", lifespan=lifespan)
     app.state.follower = follower
+    app.state.metrics = metrics
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
+    async def read_body(request: Request) -> bytes:
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            return JSONResponse({"detail": f"body of {length} bytes exceeds {config.max_body_bytes}"}, 413)
-        return await call_next(request)
+        if length is not None and length.isdigit():
+            if int(length) > max_body:
+                raise TooLarge(f"body of {length} bytes exceeds {max_body}")
+            return await request.body()
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body:
+                raise TooLarge(f"body exceeds {max_body} bytes")
+        return bytes(body)
 
-    @app.post("/predict", response_model=PredictResponse)
-    def predict(request: PredictRequest, model: CurrentModel) -> PredictResponse:
-        rows = request.feature_dicts()
-        if len(rows) > config.max_examples:
-            raise HTTPException(413, f"{len(rows)} examples exceed the limit of {config.max_examples}")
-        features = []
-        for i, row in enumerate(rows):
-            try:
-                features.append(codec.features(row))
-            except InvalidSample as e:
-                raise HTTPException(422, f"example {i}: {e}") from None
-        scores = model.predict(features) if features else []
+    request_schema = parser.model.model_json_schema(ref_template="#/components/schemas/{model}")
+
+    @app.post("/predict", response_model=PredictResponse, openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"},
+                                                           "example": PREDICT_EXAMPLE}}}},
+              responses={413: {"description": "too many examples or candidates, or too large a body"},
+                         422: {"description": "a field that does not fit the feature schema"},
+                         503: {"description": "no version loaded yet"}})
+    async def predict(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            inputs = parser.parse(await read_body(request))
+        except TooLarge as e:
+            metrics.observe("/predict", 413, time.perf_counter() - started)
+            return _json({"detail": str(e)}, 413)
+        except InvalidRequest as e:
+            metrics.observe("/predict", 422, time.perf_counter() - started)
+            return _json({"detail": e.errors}, 422)
+        model = follower.acquire()
+        if model is None:
+            metrics.observe("/predict", 503, time.perf_counter() - started)
+            return _json({"detail": "no model version loaded yet"}, 503)
+        try:
+            scores = model.score(inputs) if inputs.n else None
+        finally:
+            model.release()
         m = model.manifest
-        return PredictResponse(scores=[float(s) for s in scores], version=m.version, global_step=m.global_step,
-                               watermark=m.watermark, model_age_s=time.time() - m.created_at)
+        body = orjson.dumps({"scores": scores.tolist() if scores is not None else [], "version": m.version,
+                             "global_step": m.global_step, "watermark": m.watermark,
+                             "model_age_s": time.time() - m.created_at})
+        metrics.observe_predict(time.perf_counter() - started, inputs.n)
+        return Response(body, media_type="application/json", headers={"x-model-version": str(m.version)})
 
     @app.get("/healthz")
-    def healthz() -> dict:
-        return {"status": "ok"}
+    async def healthz() -> Response:
+        return _json({"status": "ok"})
 
     @app.get("/readyz")
-    def readyz() -> JSONResponse:
-        model = follower.current
-        if model is None:
-            return JSONResponse({"ready": False, "reason": follower.health.last_error or "loading"}, 503)
-        return JSONResponse({"ready": True, "version": model.version})
+    async def readyz() -> Response:
+        ready, reason, details = readiness(follower, config.max_lag_versions, config.max_lag_seconds)
+        body = {"ready": ready, **details}
+        if reason:
+            body["reason"] = reason
+        return _json(body, 200 if ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/model", response_model=ModelInfo)
-    def model_info() -> ModelInfo:
+    async def model_info() -> ModelInfo:
         model = follower.current
         head = follower.health.head
         m = model.manifest if model else None
@@ -97,8 +140,79 @@ def create_app(schema: FeatureSchema, trainer_config: TrainerConfig, redis_confi
             global_step=m.global_step if m else None,
             watermark=m.watermark if m else None,
             model_age_s=(time.time() - m.created_at) if m else None,
-            live_rows={k: len(t.keys) for k, t in model.tables.items()} if model else {},
+            pinned=follower.pinned,
+            live_rows=dict(model.live_rows) if model else {},
             last_error=follower.health.last_error,
         )
 
+    # ---- admin ------------------------------------------------------------------------
+
+    def admin(request: Request) -> None:
+        token = config.admin_token
+        if token is None:
+            raise HTTPException(404, "the admin API is disabled (serving.admin_token is not set)")
+        auth = request.headers.get("authorization", "")
+        scheme, _, given = auth.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise HTTPException(401, "admin API: send Authorization: Bearer <token>",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(403, "admin API: wrong token")
+
+    def pinned_state() -> dict:
+        model = follower.current
+        return {"version": model.version if model else None, "pinned": follower.pinned,
+                "head": follower.health.head}
+
+    @app.get("/admin/versions", dependencies=[Depends(admin)])
+    def admin_versions() -> JSONResponse:
+        return JSONResponse({"retained": follower.retained_versions(), **pinned_state()})
+
+    def change_version(version: int | None, rollback: bool) -> JSONResponse:
+        try:
+            follower.pin(version, rollback=rollback)
+        except NotRetained as e:
+            raise HTTPException(404, str(e)) from None
+        except ValueError as e:
+            raise HTTPException(409, str(e)) from None
+        return JSONResponse(pinned_state())
+
+    @app.post("/admin/pin", dependencies=[Depends(admin)])
+    def admin_pin(body: VersionRequest | None = None) -> JSONResponse:
+        return change_version(body.version if body else None, rollback=False)
+
+    @app.post("/admin/rollback", dependencies=[Depends(admin)])
+    def admin_rollback(body: VersionRequest) -> JSONResponse:
+        if body.version is None:
+            raise HTTPException(422, "rollback needs a version")
+        return change_version(body.version, rollback=True)
+
+    @app.post("/admin/unpin", dependencies=[Depends(admin)])
+    def admin_unpin() -> JSONResponse:
+        follower.unpin()
+        return JSONResponse(pinned_state())
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = spec.setdefault("components", {}).setdefault("schemas", {})
+            components.update(request_schema.pop("$defs", {}))
+            components["PredictRequest"] = request_schema
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+def _warm_up(schema: FeatureSchema, trainer_config: TrainerConfig) -> None:
+    """Compile the table kernels (or load them from numba's cache) before the first request."""
+    import numpy as np
+
+    table = RowTable.build(np.arange(4, dtype=np.int64), np.zeros((4, 2), np.float32), 0.0)
+    table.apply(np.array([9], np.int64), np.ones((1, 2), np.float32), np.array([1], np.int64))
+    table.lookup(np.array([1, 9], np.int64))
+    table.copy().items()
+    ModelHolder(schema, trainer_config)  # imports the model code paths

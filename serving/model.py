@@ -1,102 +1,237 @@
-"""One published version as a serving node holds it: immutable, sparse and dense together.
+"""Published versions as a serving node holds them: sparse and dense together, double-buffered.
 
-A request takes a reference to the current `ServingModel` and is answered from it alone;
-applying a delta builds a new `ServingModel` and swaps the reference. So no request ever
-sees a half-applied version, and no lock is held while scoring.
+A node keeps two full copies of the parameters (`_Buffer`: one `RowTable` per embedding
+table and one dense module). Requests read the front buffer; the follower applies each
+delta to the back buffer, which no request reads, then swaps. Applying a version costs
+O(rows in the delta), not O(table): each delta is applied twice (once to each buffer),
+never the whole table rebuilt, and the dense module is loaded in place, not deep-copied.
+
+A request takes a `ServingModel` (a version and the buffer that holds it) and acquires it
+before scoring: the buffer's reader count goes up only while the buffer still holds that
+version, and the follower writes a buffer only when its reader count is zero. So every
+request is answered from exactly one version, sparse and dense together, while deltas
+are being applied, and a reader never waits for a writer.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from publisher.manifest import Manifest
 from publisher.payload import Kind, Payload, PayloadError
+from serving.table import RowTable
 from stream.sample import Features
 from stream.schema import FeatureSchema
-from trainer.batch import build_batch
 from trainer.config import TrainerConfig
 from trainer.models import build_model
-from trainer.sparse import pool_from
 
 
 @dataclass(frozen=True)
-class ServingTable:
-    """Rows by key: sorted keys and their rows; absent keys read the trainer's default value."""
+class SparseInput:
+    """One sparse feature of a request. `offsets is None`: one bag shared by every row (the
+    ranking context). Otherwise one bag per row; `single` when every bag has exactly one id."""
 
-    keys: np.ndarray  # int64 [n], sorted ascending
-    values: np.ndarray  # float32 [n, dim]
-    default_value: float
+    keys: np.ndarray  # int64
+    offsets: np.ndarray | None = None
+    single: bool = False
 
-    @property
-    def dim(self) -> int:
-        return self.values.shape[1]
 
-    def lookup(self, keys: np.ndarray) -> torch.Tensor:
-        out = np.full((len(keys), self.dim), self.default_value, dtype=np.float32)
-        if len(self.keys):
-            idx = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-            found = self.keys[idx] == keys
-            out[found] = self.values[idx[found]]
-        return torch.from_numpy(out)
+@dataclass(frozen=True)
+class Inputs:
+    """A request as the model reads it: n rows, dense [n, n_dense], one SparseInput per
+    sparse feature in schema order."""
 
-    def apply(self, upserts: np.ndarray, values: np.ndarray, tombstones: np.ndarray) -> "ServingTable":
-        """Tombstones first, then upserts (a key evicted and re-admitted since the last version
-        appears in both and must end up live)."""
-        drop = np.isin(self.keys, tombstones) | np.isin(self.keys, upserts)
-        keys = np.concatenate([self.keys[~drop], upserts])
-        rows = np.concatenate([self.values[~drop], values.astype(np.float32, copy=False)])
-        order = np.argsort(keys, kind="stable")
-        return ServingTable(keys[order], rows[order], self.default_value)
+    n: int
+    dense: torch.Tensor
+    sparse: tuple[SparseInput, ...]
+
+    @classmethod
+    def from_features(cls, schema: FeatureSchema, features: Sequence[Features]) -> "Inputs":
+        n = len(features)
+        dense = torch.tensor([f.dense for f in features], dtype=torch.float32).reshape(n, len(schema.dense))
+        sparse = []
+        for i in range(len(schema.sparse)):
+            lengths = np.fromiter((len(f.sparse[i]) for f in features), dtype=np.int64, count=n)
+            keys = np.fromiter((k for f in features for k in f.sparse[i]), dtype=np.int64, count=int(lengths.sum()))
+            offsets = np.zeros(n, dtype=np.int64)
+            np.cumsum(lengths[:-1], out=offsets[1:])
+            sparse.append(SparseInput(keys, offsets, bool((lengths == 1).all())))
+        return cls(n, dense, tuple(sparse))
+
+
+class StaleVersion(RuntimeError):
+    """The buffer of this version was recycled for a newer one; take the current version again."""
+
+
+class _Buffer:
+    """One full copy of the parameters. `version` is what it holds (-1 while being written)."""
+
+    def __init__(self, tables: dict[str, RowTable], dense: nn.Module, version: int) -> None:
+        self.tables = tables
+        self.dense = dense
+        self.version = version
+        self.readers = 0
+        self.lock = threading.Lock()
+
+    def clone(self) -> "_Buffer":
+        return _Buffer({k: t.copy() for k, t in self.tables.items()}, copy.deepcopy(self.dense), self.version)
+
+    def claim_for_writing(self, timeout_s: float) -> bool:
+        """Marks the buffer as being written once no request reads it (new ones cannot start)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self.lock:
+                if self.readers == 0:
+                    self.version = -1
+                    return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.0002)
 
 
 @dataclass(frozen=True)
 class ServingModel:
+    """One version as requests see it. `acquire()` before reading, `release()` after."""
+
     manifest: Manifest
     schema: FeatureSchema
-    dense: nn.Module
-    tables: dict[str, ServingTable]
+    _buffer: _Buffer = field(repr=False)
+    live_rows: dict[str, int] = field(default_factory=dict)
+    applied_at: float = 0.0
 
     @property
     def version(self) -> int:
         return self.manifest.version
 
-    @torch.no_grad()
-    def predict(self, features: list[Features]) -> np.ndarray:
-        batch = build_batch(self.schema, features)
-        logits = self.dense(batch.dense, pool_from(batch, lambda name, keys: self.tables[name].lookup(keys)))
-        return torch.sigmoid(logits).numpy()
+    def acquire(self) -> bool:
+        b = self._buffer
+        with b.lock:
+            if b.version != self.manifest.version:
+                return False
+            b.readers += 1
+            return True
 
-    @classmethod
-    def from_snapshot(cls, manifest: Manifest, payload: Payload, schema: FeatureSchema,
-                      trainer_config: TrainerConfig) -> "ServingModel":
+    def release(self) -> None:
+        b = self._buffer
+        with b.lock:
+            b.readers -= 1
+
+    @torch.no_grad()
+    def score(self, inputs: Inputs) -> np.ndarray:
+        """Click probabilities; the caller holds this version (acquire/release)."""
+        b = self._buffer
+        pooled = []
+        for f, inp in zip(self.schema.sparse, inputs.sparse):
+            rows = torch.from_numpy(b.tables[f.table_name].lookup(inp.keys))
+            if inp.offsets is None:
+                one = rows if len(inp.keys) == 1 else F.embedding_bag(
+                    torch.arange(len(inp.keys)), rows, torch.zeros(1, dtype=torch.int64), mode=f.pooling)
+                pooled.append(one.expand(inputs.n, rows.shape[1]))
+            elif inp.single:
+                pooled.append(rows)
+            else:
+                pooled.append(F.embedding_bag(torch.arange(len(inp.keys)), rows, torch.from_numpy(inp.offsets),
+                                              mode=f.pooling))
+        return torch.sigmoid(b.dense(inputs.dense, pooled)).numpy()
+
+    def predict(self, features: Sequence[Features]) -> np.ndarray:
+        """Scores for decoded examples (tests, tools). Raises StaleVersion if recycled."""
+        if not self.acquire():
+            raise StaleVersion(f"version {self.version} is no longer held")
+        try:
+            return self.score(Inputs.from_features(self.schema, features))
+        finally:
+            self.release()
+
+    def lookup(self, table: str, keys: np.ndarray) -> np.ndarray:
+        if not self.acquire():
+            raise StaleVersion(f"version {self.version} is no longer held")
+        try:
+            return self._buffer.tables[table].lookup(keys)
+        finally:
+            self.release()
+
+
+class ModelHolder:
+    """The two buffers of a node and the version it serves. Written by one thread at a time
+    (the follower); read by any number of request threads through `current`."""
+
+    DRAIN_TIMEOUT_S = 5.0
+
+    def __init__(self, schema: FeatureSchema, trainer_config: TrainerConfig) -> None:
+        self.schema = schema
+        self.trainer_config = trainer_config
+        self.current: ServingModel | None = None
+        self._front: _Buffer | None = None
+        self._back: _Buffer | None = None
+        self._pending: list[Payload] = []  # deltas the back buffer has not had yet
+
+    def acquire(self) -> ServingModel | None:
+        """The current version, acquired (release it after scoring); None before the first."""
+        while True:
+            model = self.current
+            if model is None or model.acquire():
+                return model
+
+    def load_snapshot(self, manifest: Manifest, payload: Payload) -> ServingModel:
         _expect(payload, Kind.SNAPSHOT, manifest.version)
         tables = {}
-        for spec in schema.tables:
+        for spec in self.schema.tables:
             keys = _array(payload, f"table/{spec.name}/keys")
-            order = np.argsort(keys, kind="stable")
+            values = _rows(payload, f"table/{spec.name}/values", len(keys), spec.dim)
             default = float(_array(payload, f"table/{spec.name}/default"))
-            tables[spec.name] = ServingTable(keys[order], _array(payload, f"table/{spec.name}/values")[order], default)
-        dense = build_model(schema, trainer_config)
-        _load_dense(dense, payload)
-        return cls(manifest, schema, dense, tables)
+            tables[spec.name] = RowTable.build(keys, values, default)
+        dense = build_model(self.schema, self.trainer_config)
+        _load_dense(dense, _dense_state(dense, payload))
+        front = _Buffer(tables, dense, manifest.version)
+        self._front, self._back, self._pending = front, None, []
+        return self._publish(manifest, front)
 
-    def apply_delta(self, manifest: Manifest, payload: Payload) -> "ServingModel":
+    def apply_delta(self, manifest: Manifest, payload: Payload) -> ServingModel:
         _expect(payload, Kind.DELTA, manifest.version)
-        if payload.base_version != self.version:
-            raise PayloadError(f"delta {payload.version} applies on {payload.base_version}, node has {self.version}")
-        tables = {
-            name: t.apply(_array(payload, f"table/{name}/keys"), _array(payload, f"table/{name}/values"),
-                          _array(payload, f"table/{name}/tombstones"))
-            for name, t in self.tables.items()
-        }
-        dense = copy.deepcopy(self.dense)
-        _load_dense(dense, payload)
-        return ServingModel(manifest, self.schema, dense, tables)
+        front = self._front
+        if front is None or payload.base_version != front.version:
+            have = front.version if front else None
+            raise PayloadError(f"delta {payload.version} applies on {payload.base_version}, node has {have}")
+        # Check everything before writing anything: a bad delta must leave both buffers usable.
+        changes = [self._table_changes(payload, spec.name, spec.dim) for spec in self.schema.tables]
+        dense_state = _dense_state(front.dense, payload)
+
+        back = self._back
+        if back is None or not back.claim_for_writing(self.DRAIN_TIMEOUT_S):
+            back = front.clone()  # first delta after a snapshot (or a reader that never let go)
+            back.version = -1
+            self._pending = []
+        self._back = None  # until written through, it is neither front nor a known version
+        for delta in self._pending:
+            for spec in self.schema.tables:
+                back.tables[spec.name].apply(*self._table_changes(delta, spec.name, spec.dim))
+        for spec, (keys, values, tombstones) in zip(self.schema.tables, changes):
+            back.tables[spec.name].apply(keys, values, tombstones)
+        _load_dense(back.dense, dense_state)
+        back.version = manifest.version
+        self._front, self._back, self._pending = back, front, [payload]
+        return self._publish(manifest, back)
+
+    def _publish(self, manifest: Manifest, buffer: _Buffer) -> ServingModel:
+        model = ServingModel(manifest, self.schema, buffer, {k: len(t) for k, t in buffer.tables.items()},
+                             time.time())
+        self.current = model  # one reference swap: requests see the old or the new version, whole
+        return model
+
+    @staticmethod
+    def _table_changes(payload: Payload, name: str, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        keys = _array(payload, f"table/{name}/keys")
+        return keys, _rows(payload, f"table/{name}/values", len(keys), dim), _array(payload, f"table/{name}/tombstones")
 
 
 def _expect(payload: Payload, kind: Kind, version: int) -> None:
@@ -111,7 +246,28 @@ def _array(payload: Payload, name: str) -> np.ndarray:
         raise PayloadError(f"payload {payload.version} has no section {name!r}") from None
 
 
-def _load_dense(model: nn.Module, payload: Payload) -> None:
-    state = {k[len("dense/"):]: torch.from_numpy(v.copy()) for k, v in payload.arrays.items() if k.startswith("dense/")}
+def _rows(payload: Payload, name: str, n: int, dim: int) -> np.ndarray:
+    values = _array(payload, name)
+    if values.ndim != 2 or values.shape != (n, dim):
+        raise PayloadError(f"payload {payload.version}: {name} has shape {values.shape}, expected ({n}, {dim})")
+    return values
+
+
+def _dense_state(model: nn.Module, payload: Payload) -> dict[str, torch.Tensor]:
+    state = {k[len("dense/"):]: v for k, v in payload.arrays.items() if k.startswith("dense/")}
+    expected = model.state_dict()
+    if state.keys() != expected.keys():
+        missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+        raise PayloadError(f"payload {payload.version}: dense parameters differ (missing {missing}, unexpected {extra})")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise PayloadError(f"payload {payload.version}: dense/{k} has shape {v.shape}, "
+                               f"expected {tuple(expected[k].shape)}")
+    return {k: torch.from_numpy(np.array(v, dtype=np.float32 if v.dtype.kind == "f" else v.dtype)) for k, v in
+            state.items()}
+
+
+@torch.no_grad()
+def _load_dense(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(state, strict=True)
     model.eval()

@@ -128,7 +128,6 @@ def test_a_corrupt_delta_keeps_the_last_good_version_until_a_snapshot_heals(harn
     key = h.store.key("payload", "delta", version, 0)
     h.store.redis.setrange(key, 60, b"\xff\xfe")
     h.follower = VersionFollower(h.store, SCHEMA, CONFIG, block_ms=100)
-    h.follower.current = None
     h.follower.start()
     # A fresh node loads snapshot 1 and then fails on the corrupt delta 2: it serves 1 and says why.
     wait_until(lambda: h.follower.health.last_error is not None, "the corruption to be noticed")

@@ -1,36 +1,174 @@
+"""The serving node's tables and double-buffered versions, without Redis or HTTP."""
+
+import threading
+
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from serving.model import ServingTable
+from publisher.manifest import Manifest
+from publisher.payload import Kind, Payload
+from serving.model import Inputs, ModelHolder, SparseInput
+from serving.table import RowTable
+from stream.schema import FeatureSchema
+from trainer.config import TrainerConfig
 
 
 def table(keys, dim=2, default=0.0):
     keys = np.array(sorted(keys), dtype=np.int64)
-    return ServingTable(keys, np.repeat(keys[:, None].astype(np.float32), dim, axis=1), default)
+    return RowTable.build(keys, np.repeat(keys[:, None].astype(np.float32), dim, axis=1), default)
 
 
 def test_lookup_reads_rows_and_default_for_absent_keys():
     t = table([5, -3, 2**62], default=0.25)
-    out = t.lookup(np.array([5, 7, -3, 2**62], dtype=np.int64)).numpy()
+    out = t.lookup(np.array([5, 7, -3, 2**62], dtype=np.int64))
     np.testing.assert_array_equal(out[:, 0], [5, 0.25, -3, np.float32(2**62)])
 
 
 def test_empty_table_reads_default():
-    t = ServingTable(np.array([], dtype=np.int64), np.zeros((0, 3), np.float32), 1.5)
-    assert (t.lookup(np.array([1, 2], dtype=np.int64)).numpy() == 1.5).all()
+    t = RowTable(3, 1.5)
+    assert (t.lookup(np.array([1, 2], dtype=np.int64)) == 1.5).all()
+    assert t.lookup(np.array([], dtype=np.int64)).shape == (0, 3)
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.sets(st.integers(-50, 50)), st.sets(st.integers(-50, 50)), st.sets(st.integers(-50, 50)))
-def test_apply_matches_a_dict_model(initial, upserts, tombstones):
-    """Tombstones first, then upserts: same as replaying the delta on a dict."""
+@given(st.sets(st.integers(-50, 50)), st.lists(st.tuples(st.sets(st.integers(-50, 50)), st.sets(st.integers(-50, 50))),
+                                               max_size=6))
+def test_apply_matches_a_dict_model(initial, deltas):
+    """Tombstones first, then upserts, delta after delta: same as replaying them on a dict."""
     expected = {k: float(k) for k in initial}
-    for k in tombstones:
-        expected.pop(k, None)
-    for k in upserts:
-        expected[k] = k + 1000.0
-    up = np.array(sorted(upserts), dtype=np.int64)
-    t = table(initial).apply(up, np.repeat((up + 1000)[:, None].astype(np.float32), 2, axis=1),
-                             np.array(sorted(tombstones), dtype=np.int64))
-    assert list(t.keys) == sorted(expected)
-    assert list(t.values[:, 0]) == [expected[k] for k in sorted(expected)]
+    t = table(initial)
+    for step, (upserts, tombstones) in enumerate(deltas):
+        for k in tombstones:
+            expected.pop(k, None)
+        for k in upserts:
+            expected[k] = k + 1000.0 * (step + 1)
+        up = np.array(sorted(upserts), dtype=np.int64)
+        t.apply(up, np.repeat((up + 1000.0 * (step + 1))[:, None].astype(np.float32), 2, axis=1),
+                np.array(sorted(tombstones), dtype=np.int64))
+    keys, rows = t.items()
+    assert len(t) == len(expected)
+    assert list(keys) == sorted(expected)
+    assert list(rows[:, 0]) == [expected[k] for k in sorted(expected)]
+    probe = np.arange(-60, 61, dtype=np.int64)
+    np.testing.assert_array_equal(t.lookup(probe)[:, 1], [expected.get(int(k), 0.0) for k in probe])
+
+
+def test_heavy_churn_keeps_every_key_reachable():
+    """Many inserts and deletes through growth: probe chains stay intact (backward-shift deletion)."""
+    rng = np.random.default_rng(0)
+    t = RowTable(1, -1.0)
+    live: dict[int, float] = {}
+    for step in range(40):
+        up = rng.integers(0, 5000, 800)
+        gone = rng.integers(0, 5000, 600)
+        for k in gone:
+            live.pop(int(k), None)
+        for k in up:
+            live[int(k)] = float(step)
+        t.apply(up, np.full((len(up), 1), step, np.float32), gone)
+    probe = np.arange(5000, dtype=np.int64)
+    np.testing.assert_array_equal(t.lookup(probe)[:, 0], [live.get(int(k), -1.0) for k in probe])
+    assert len(t) == len(live)
+
+
+SCHEMA = FeatureSchema.from_dict({"dense": [{"name": "x"}], "sparse": [{"name": "user"}, {"name": "item"}],
+                                  "tables": {"user": 4, "item": 4}})
+TRAINER = TrainerConfig(bottom_mlp=[8, 4], top_mlp=[8])
+
+
+def manifest(version: int, base: int) -> Manifest:
+    return Manifest(model="m", version=version, base_version=base, global_step=version, topic="t", offsets={},
+                    watermark=0.0, newest_produced_ms=0, created_at=0.0)
+
+
+def dense_state(holder: ModelHolder, fill: float) -> dict[str, np.ndarray]:
+    from trainer.models import build_model
+
+    model = build_model(SCHEMA, TRAINER)
+    return {f"dense/{k}": np.full(tuple(v.shape), fill, np.float32) for k, v in model.state_dict().items()}
+
+
+def snapshot(holder, version, rows: dict[str, dict[int, float]]) -> Payload:
+    arrays = dense_state(holder, 0.01)
+    for name in ("user", "item"):
+        keys = np.array(sorted(rows[name]), dtype=np.int64)
+        arrays[f"table/{name}/keys"] = keys
+        arrays[f"table/{name}/values"] = np.array([[rows[name][k]] * 4 for k in keys], np.float32).reshape(-1, 4)
+        arrays[f"table/{name}/default"] = np.array(0.0, np.float32)
+    return Payload(Kind.SNAPSHOT, version, 0, arrays)
+
+
+def delta(holder, version, upserts: dict[int, float], tombstones=()) -> Payload:
+    arrays = dense_state(holder, 0.01 * version)
+    for name in ("user", "item"):
+        keys = np.array(sorted(upserts), dtype=np.int64)
+        arrays[f"table/{name}/keys"] = keys
+        arrays[f"table/{name}/values"] = np.array([[upserts[k]] * 4 for k in keys], np.float32).reshape(-1, 4)
+        arrays[f"table/{name}/tombstones"] = np.array(sorted(tombstones), np.int64)
+    return Payload(Kind.DELTA, version, version - 1, arrays)
+
+
+def test_double_buffer_serves_each_version_whole_and_applies_every_delta_to_both_buffers():
+    h = ModelHolder(SCHEMA, TRAINER)
+    h.load_snapshot(manifest(1, 0), snapshot(h, 1, {"user": {1: 1.0, 2: 2.0}, "item": {1: 1.0}}))
+    v1 = h.current
+    assert v1.acquire()  # a request in flight on version 1
+    h.apply_delta(manifest(2, 1), delta(h, 2, {3: 3.0}, tombstones=[1]))
+    # The request still reads version 1 exactly, while version 2 is served to new requests.
+    np.testing.assert_array_equal(v1._buffer.tables["user"].lookup(np.array([1, 3]))[:, 0], [1.0, 0.0])
+    assert h.current.lookup("user", np.array([1, 3]))[:, 0].tolist() == [0.0, 3.0]
+    # Version 3 must wait for the version-1 reader (its buffer is the one to write).
+    done = threading.Event()
+
+    def apply3():
+        h.apply_delta(manifest(3, 2), delta(h, 3, {1: 10.0}))
+        done.set()
+
+    writer = threading.Thread(target=apply3)
+    writer.start()
+    assert not done.wait(0.2)
+    v1.release()
+    writer.join(5)
+    assert done.is_set()
+    assert not v1.acquire()  # its buffer now holds version 3: a late request takes the current one
+    v3 = h.acquire()
+    assert v3.version == 3
+    try:
+        # deltas 2 and 3 both reached this buffer: tombstone of 1 then re-admission, 2 kept, 3 added
+        assert v3._buffer.tables["user"].lookup(np.array([1, 2, 3]))[:, 0].tolist() == [10.0, 2.0, 3.0]
+    finally:
+        v3.release()
+    h.apply_delta(manifest(4, 3), delta(h, 4, {}))
+    assert h.current.lookup("user", np.array([1, 2, 3]))[:, 0].tolist() == [10.0, 2.0, 3.0]
+
+
+def test_a_bad_delta_changes_nothing():
+    import pytest
+
+    from publisher.payload import PayloadError
+
+    h = ModelHolder(SCHEMA, TRAINER)
+    h.load_snapshot(manifest(1, 0), snapshot(h, 1, {"user": {1: 1.0}, "item": {1: 1.0}}))
+    bad = delta(h, 2, {5: 5.0})
+    bad.arrays["table/item/values"] = np.zeros((1, 3), np.float32)
+    with pytest.raises(PayloadError, match="shape"):
+        h.apply_delta(manifest(2, 1), bad)
+    assert h.current.version == 1
+    h.apply_delta(manifest(2, 1), delta(h, 2, {5: 5.0}))
+    assert h.current.lookup("user", np.array([1, 5]))[:, 0].tolist() == [1.0, 5.0]
+
+
+def test_shared_context_bag_scores_like_per_row_bags():
+    h = ModelHolder(SCHEMA, TRAINER)
+    h.load_snapshot(manifest(1, 0), snapshot(h, 1, {"user": {1: 0.5, 2: -0.3}, "item": {1: 1.0, 2: 0.2}}))
+    import torch
+
+    dense = torch.tensor([[0.5], [0.5], [0.5]])
+    items = SparseInput(np.array([1, 2, 7]), np.array([0, 1, 2]), True)
+    shared = Inputs(3, dense, (SparseInput(np.array([2])), items))
+    per_row = Inputs(3, dense, (SparseInput(np.array([2, 2, 2]), np.array([0, 1, 2]), True), items))
+    m = h.acquire()
+    try:
+        np.testing.assert_array_equal(m.score(shared), m.score(per_row))
+    finally:
+        m.release()

@@ -1,0 +1,237 @@
+"""A serving node's embedding table: int64 key -> row, updated in place in O(rows changed).
+
+Open addressing with linear probing (keys never collide: the full key is compared) and
+backward-shift deletion, so probe chains stay short under constant upserts and
+tombstones. Rows live in a dense array indexed by slot; freed slots are reused.
+
+Every kernel is compiled with `nogil=True`: applying a delta of 100k rows or gathering a
+request's rows releases the GIL, so a delta being applied on the follower thread does
+not stall requests on the event loop. The table itself is not thread-safe for writes
+while it is read; `serving.model` keeps two of them (double buffering) and writes only the
+one no request reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_EMPTY = np.int64(-1)
+_MAX_LOAD = 0.5  # serving reads far more than it writes: short probe chains are worth the memory
+
+_M1 = np.uint64(0xFF51AFD7ED558CCD)
+_M2 = np.uint64(0xC4CEB9FE1A85EC53)
+_S33 = np.uint64(33)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _home(key: np.int64, mask: np.int64) -> np.int64:
+    x = np.uint64(key)
+    x ^= x >> _S33
+    x *= _M1
+    x ^= x >> _S33
+    x *= _M2
+    x ^= x >> _S33
+    return np.int64(x & np.uint64(mask))
+
+
+@njit(cache=True, nogil=True)
+def _gather(buckets, keys, values, query, default, out):
+    mask = np.int64(buckets.size - 1)
+    dim = values.shape[1]
+    for i in range(query.size):
+        k = query[i]
+        pos = _home(k, mask)
+        slot = _EMPTY
+        while True:
+            s = buckets[pos]
+            if s < 0:
+                break
+            if keys[s] == k:
+                slot = s
+                break
+            pos = (pos + 1) & mask
+        if slot < 0:
+            for d in range(dim):
+                out[i, d] = default
+        else:
+            for d in range(dim):
+                out[i, d] = values[slot, d]
+
+
+@njit(cache=True, nogil=True)
+def _upsert(buckets, keys, values, free, meta, new_keys, new_values):
+    """meta = [size, high_water, free_top]."""
+    mask = np.int64(buckets.size - 1)
+    dim = values.shape[1]
+    for i in range(new_keys.size):
+        k = new_keys[i]
+        pos = _home(k, mask)
+        while True:
+            s = buckets[pos]
+            if s < 0:
+                if meta[2] > 0:
+                    meta[2] -= 1
+                    s = free[meta[2]]
+                else:
+                    s = meta[1]
+                    meta[1] += 1
+                keys[s] = k
+                buckets[pos] = s
+                meta[0] += 1
+                break
+            if keys[s] == k:
+                break
+            pos = (pos + 1) & mask
+        for d in range(dim):
+            values[s, d] = new_values[i, d]
+
+
+@njit(cache=True, nogil=True)
+def _remove(buckets, keys, free, meta, gone):
+    mask = np.int64(buckets.size - 1)
+    removed = 0
+    for i in range(gone.size):
+        k = gone[i]
+        pos = _home(k, mask)
+        slot = _EMPTY
+        while True:
+            s = buckets[pos]
+            if s < 0:
+                break
+            if keys[s] == k:
+                slot = s
+                break
+            pos = (pos + 1) & mask
+        if slot < 0:
+            continue
+        free[meta[2]] = slot
+        meta[2] += 1
+        meta[0] -= 1
+        removed += 1
+        hole = pos
+        j = pos
+        while True:
+            j = (j + 1) & mask
+            e = buckets[j]
+            if e < 0:
+                break
+            home = _home(keys[e], mask)
+            if hole <= j:
+                stays = hole < home and home <= j
+            else:
+                stays = home > hole or home <= j
+            if stays:
+                continue
+            buckets[hole] = e
+            hole = j
+        buckets[hole] = _EMPTY
+    return removed
+
+
+@njit(cache=True, nogil=True)
+def _rehash(old, new, keys):
+    mask = np.int64(new.size - 1)
+    for e in old:
+        if e < 0:
+            continue
+        pos = _home(keys[e], mask)
+        while new[pos] >= 0:
+            pos = (pos + 1) & mask
+        new[pos] = e
+
+
+def _buckets_for(n: int) -> int:
+    return 1 << max(4, int(np.ceil(np.log2(max(n, 1) / _MAX_LOAD + 1))))
+
+
+class RowTable:
+    """int64 key -> float32 row of `dim`; absent keys read `default_value`."""
+
+    def __init__(self, dim: int, default_value: float = 0.0, capacity: int = 16) -> None:
+        capacity = max(int(capacity), 16)
+        self.dim = dim
+        self.default_value = float(default_value)
+        self._buckets = np.full(_buckets_for(capacity), _EMPTY, dtype=np.int64)
+        self._keys = np.zeros(capacity, dtype=np.int64)
+        self._values = np.zeros((capacity, dim), dtype=np.float32)
+        self._free = np.zeros(capacity, dtype=np.int64)
+        self._meta = np.zeros(3, dtype=np.int64)
+
+    @classmethod
+    def build(cls, keys: np.ndarray, values: np.ndarray, default_value: float) -> "RowTable":
+        keys = _as_keys(keys)
+        table = cls(values.shape[1] if values.ndim == 2 else 0, default_value, capacity=len(keys))
+        table.upsert(keys, values)
+        return table
+
+    def __len__(self) -> int:
+        return int(self._meta[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self._buckets.nbytes + self._keys.nbytes + self._values.nbytes + self._free.nbytes
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Rows of `keys` [n, dim] (a fresh array: it does not alias the table)."""
+        keys = _as_keys(keys)
+        out = np.empty((keys.size, self.dim), dtype=np.float32)
+        _gather(self._buckets, self._keys, self._values, keys, np.float32(self.default_value), out)
+        return out
+
+    def upsert(self, keys: np.ndarray, values: np.ndarray) -> None:
+        keys = _as_keys(keys)
+        values = np.ascontiguousarray(values, dtype=np.float32).reshape(keys.size, self.dim)
+        self._reserve(keys.size)
+        _upsert(self._buckets, self._keys, self._values, self._free, self._meta, keys, values)
+
+    def remove(self, keys: np.ndarray) -> int:
+        return int(_remove(self._buckets, self._keys, self._free, self._meta, _as_keys(keys)))
+
+    def apply(self, upserts: np.ndarray, values: np.ndarray, tombstones: np.ndarray) -> None:
+        """One delta: tombstones first, then upserts (a key evicted and re-admitted since the
+        last version appears in both and must end up live)."""
+        if len(tombstones):
+            self.remove(tombstones)
+        if len(upserts):
+            self.upsert(upserts, values)
+
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, rows) of every live entry, keys ascending."""
+        slots = self._buckets[self._buckets >= 0]
+        keys = self._keys[slots]
+        order = np.argsort(keys, kind="stable")
+        return keys[order], self._values[slots[order]]
+
+    def copy(self) -> "RowTable":
+        other = RowTable.__new__(RowTable)
+        other.dim, other.default_value = self.dim, self.default_value
+        other._buckets = self._buckets.copy()
+        other._keys = self._keys.copy()
+        other._values = self._values.copy()
+        other._free = self._free.copy()
+        other._meta = self._meta.copy()
+        return other
+
+    def _reserve(self, n: int) -> None:
+        size = int(self._meta[0])
+        if size + n > _MAX_LOAD * self._buckets.size:
+            buckets = np.full(_buckets_for(size + n), _EMPTY, dtype=np.int64)
+            _rehash(self._buckets, buckets, self._keys)
+            self._buckets = buckets
+        need = int(self._meta[1]) + max(0, n - int(self._meta[2]))
+        if need > self._keys.size:
+            rows = max(need, int(1.25 * self._keys.size))
+            self._keys = _grown(self._keys, rows)
+            self._values = _grown(self._values, rows)
+            self._free = _grown(self._free, rows)
+
+
+def _grown(array: np.ndarray, rows: int) -> np.ndarray:
+    out = np.zeros((rows,) + array.shape[1:], dtype=array.dtype)
+    out[: array.shape[0]] = array
+    return out
+
+
+def _as_keys(keys: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(keys, dtype=np.int64).reshape(-1)
