@@ -75,17 +75,27 @@ class Payload:
 
 
 def encode(payload: Payload, rows: RowEncoding = RowEncoding.FP32,
-           compression: Compression = Compression.NONE, level: int = 1) -> bytes:
-    parts: list[bytes] = []
+           compression: Compression = Compression.NONE, level: int = 1) -> bytearray:
+    """One buffer, filled once: raw arrays are copied straight from their memory into it."""
+    parts: list[bytes | memoryview] = []
     for name, array in payload.arrays.items():
         a = np.require(array, requirements="C")
         encoding = rows if name in payload.lossy and a.dtype == _F32 and a.ndim == 2 else RowEncoding.FP32
         parts += [_section_header(name, a), _ENCODING.pack(int(encoding)), _encode_data(a, encoding)]
-    raw = b"".join(parts)
-    body = zstandard.ZstdCompressor(level=level).compress(raw) if compression is Compression.ZSTD else raw
+    raw_len = sum(len(p) for p in parts)
+    out = bytearray(_HEADER.size + raw_len)
+    pos = _HEADER.size
+    for part in parts:
+        out[pos:pos + len(part)] = part
+        pos += len(part)
+    if compression is Compression.ZSTD:
+        body = zstandard.ZstdCompressor(level=level).compress(memoryview(out)[_HEADER.size:])
+        out = bytearray(_HEADER.size) + body
     fields = (MAGIC, FORMAT_VERSION, int(payload.kind), int(compression), payload.version,
-              payload.base_version, len(payload.arrays), len(raw), len(body))
-    return _HEADER.pack(*fields, _checksum(_HEADER.pack(*fields, 0), body)) + body
+              payload.base_version, len(payload.arrays), raw_len, len(out) - _HEADER.size)
+    checksum = _checksum(_HEADER.pack(*fields, 0), memoryview(out)[_HEADER.size:])
+    _HEADER.pack_into(out, 0, *fields, checksum)
+    return out
 
 
 def decode(data: bytes | memoryview) -> Payload:
@@ -126,13 +136,18 @@ def _section_header(name: str, a: np.ndarray) -> bytes:
             + struct.pack(f"<{a.ndim}Q", *a.shape))
 
 
-def _encode_data(a: np.ndarray, encoding: RowEncoding) -> bytes:
+def _encode_data(a: np.ndarray, encoding: RowEncoding) -> bytes | memoryview:
     if encoding is RowEncoding.FP16:
-        return a.astype("<f2").tobytes()
+        return _bytes_of(a.astype("<f2"))
     if encoding is RowEncoding.INT8:
         minimum, step, q = quantize_rows(a)
         return minimum.tobytes() + step.tobytes() + q.tobytes()
-    return a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+    return _bytes_of(np.require(a.astype(a.dtype.newbyteorder("<"), copy=False), requirements="C"))
+
+
+def _bytes_of(a: np.ndarray) -> memoryview:
+    """The array's own memory as bytes, without a copy."""
+    return memoryview(a.reshape(-1)).cast("B") if a.size else memoryview(b"")
 
 
 def quantize_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

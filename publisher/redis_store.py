@@ -42,8 +42,9 @@ class RedisVersionStore:
 
     # ---- writing -------------------------------------------------------------------
 
-    def write_payload(self, kind: Kind, version: int, data: bytes, chunk_bytes: int) -> PayloadRef:
-        chunks = [data[i:i + chunk_bytes] for i in range(0, len(data), chunk_bytes)] or [b""]
+    def write_payload(self, kind: Kind, version: int, data: bytes | bytearray, chunk_bytes: int) -> PayloadRef:
+        view = memoryview(data)
+        chunks = [view[i:i + chunk_bytes] for i in range(0, len(view), chunk_bytes)] or [b""]
         pipe = self.redis.pipeline(transaction=False)
         for i, chunk in enumerate(chunks):
             pipe.set(self.key("payload", kind.name.lower(), version, i), chunk)
