@@ -15,6 +15,7 @@ from freshrec.settings import Settings, load_settings
 from freshrec.status import StatusBoard, TrainerStatusHook
 from publisher.publisher import Publisher
 from publisher.redis_store import RedisVersionStore
+from publisher.restore import restore_learner
 from serving.app import create_app
 from stream.sample import SampleCodec
 from stream.topics import ensure_topics
@@ -29,13 +30,19 @@ def build_training_loop(settings: Settings) -> TrainingLoop:
     kafka = settings.kafka
     ensure_topics(kafka, [kafka.samples_topic, kafka.dead_letter_topic], kafka.partitions)
     learner = OnlineLearner(schema, settings.trainer)
-    source = KafkaSampleSource(kafka, SampleCodec(schema), settings.trainer.batch_size,
-                               settings.trainer.max_batch_wait_ms)
     store = RedisVersionStore(settings.redis)
     publisher = Publisher(store, settings.publisher)
+    position = Position(topic=kafka.samples_topic)
+    restored = restore_learner(store, learner, kafka.samples_topic)
+    if restored is not None:
+        position = restored.position
+        if restored.version == store.head():  # else the chain broke: the next version is a snapshot
+            publisher.resume(restored.version, {name: t.mark() for name, t in learner.sparse.tables.items()})
+    source = KafkaSampleSource(kafka, SampleCodec(schema), settings.trainer.batch_size,
+                               settings.trainer.max_batch_wait_ms, start_offsets=position.offsets)
     status = TrainerStatusHook(StatusBoard(store.redis, settings.redis), source, publisher)
     hooks = [publisher, status, MetricsHook(source)]
-    return TrainingLoop(source, learner, hooks, Position(topic=kafka.samples_topic))
+    return TrainingLoop(source, learner, hooks, position)
 
 
 def train(settings: Settings, stop: threading.Event) -> TrainingLoop:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from publisher.payload import Kind
+
 
 class PayloadRef(BaseModel):
     bytes: int
@@ -29,6 +31,15 @@ class Manifest(BaseModel):
     created_at: float  # unix seconds, when the cut was taken
     delta: PayloadRef | None = None
     snapshot: PayloadRef | None = None
+    # The trainer's own state at this version (optimizer state, counters): for exact resume.
+    train_delta: PayloadRef | None = None
+    train_snapshot: PayloadRef | None = None
     rows_changed: int = 0
     tombstones: int = 0
     live_rows: dict[str, int] = Field(default_factory=dict)
+
+    def ref(self, kind: Kind) -> PayloadRef | None:
+        return getattr(self, kind.name.lower())
+
+    def set_ref(self, kind: Kind, ref: PayloadRef) -> None:
+        setattr(self, kind.name.lower(), ref)

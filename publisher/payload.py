@@ -36,15 +36,18 @@ _ENCODING = struct.Struct("<B")
 
 _DTYPES: dict[int, np.dtype] = {
     1: np.dtype("<f4"), 2: np.dtype("<f2"), 3: np.dtype("i1"), 4: np.dtype("<i8"),
-    5: np.dtype("<f8"), 6: np.dtype("<i4"), 7: np.dtype("u1"),
+    5: np.dtype("<f8"), 6: np.dtype("<i4"), 7: np.dtype("u1"), 8: np.dtype("<u4"), 9: np.dtype("<u2"),
+    10: np.dtype("<i2"), 11: np.dtype("<u8"), 12: np.dtype("?"),
 }
 _CODES = {dt: code for code, dt in _DTYPES.items()}
 _F32 = np.dtype("<f4")
 
 
 class Kind(IntEnum):
-    SNAPSHOT = 1
+    SNAPSHOT = 1  # what serving needs: rows and dense weights
     DELTA = 2
+    TRAIN_SNAPSHOT = 3  # what the trainer needs to resume exactly (trainer/checkpoint.py)
+    TRAIN_DELTA = 4
 
 
 class RowEncoding(IntEnum):

@@ -26,6 +26,7 @@ from publisher.gate import QualityGate
 from publisher.manifest import Manifest
 from publisher.payload import Compression, Kind, Payload, RowEncoding, encode
 from publisher.redis_store import RedisVersionStore
+from trainer.checkpoint import learner_arrays, table_delta_arrays, table_snapshot_arrays
 from trainer.learner import OnlineLearner
 from trainer.loop import Position
 
@@ -48,8 +49,7 @@ _COMPRESSIONS = {"none": Compression.NONE, "zstd": Compression.ZSTD}
 @dataclass
 class VersionCut:
     manifest: Manifest
-    delta: Payload | None
-    snapshot: Payload | None
+    payloads: dict[Kind, Payload]  # serving's delta and/or snapshot, and the trainer's own
     cursors: dict[str, int]
 
 
@@ -78,6 +78,7 @@ class Publisher:
         self._last_cut = 0.0
         self._lock = threading.Lock()
         self._queue: queue.Queue[VersionCut | None] = queue.Queue(maxsize=config.max_pending)
+        self._failure: BaseException | None = None
         self._writer = threading.Thread(target=self._write_loop, name="publisher-writer", daemon=True)
         self._writer.start()
         GATE_OPEN.set(1)
@@ -85,6 +86,7 @@ class Publisher:
     # ---- training thread -----------------------------------------------------------
 
     def after_step(self, learner: OnlineLearner, position: Position) -> None:
+        self._raise_writer_failure()
         self._release_durable(learner)
         if time.monotonic() - self._last_cut < self.config.interval_s:
             return
@@ -103,45 +105,57 @@ class Publisher:
             self.publish(learner, position)
         self._queue.put(None)
         self._writer.join()
+        self._raise_writer_failure()
         self._release_durable(learner)
 
     def publish(self, learner: OnlineLearner, position: Position) -> None:
         self._last_cut = time.monotonic()
         self._queue.put(self._cut(learner, position))  # blocks only when called directly while full
 
+    def resume(self, version: int, cursors: dict[str, int]) -> None:
+        """Continue the chain after `version`, which the learner was restored to exactly:
+        the next version is a delta on it, so serving nodes need no reload."""
+        self.next_version = version + 1
+        self._cursors = dict(cursors)
+        self._first = False
+
     def _cut(self, learner: OnlineLearner, position: Position) -> VersionCut:
         version = self.next_version
         self.next_version += 1
-        dense = {f"dense/{k}": v.detach().numpy().copy() for k, v in learner.model.state_dict().items()}
-        delta = snapshot = None
+        trainer_state = learner_arrays(learner)
+        dense = {k: v for k, v in trainer_state.items() if k.startswith("dense/")}
+        lossy = frozenset(f"table/{name}/values" for name in learner.sparse.tables)
+        payloads: dict[Kind, Payload] = {}
         cursors: dict[str, int] = {}
         rows = tombstones = 0
         if not self._first:
-            arrays = dict(dense)
+            serving, training = dict(dense), dict(trainer_state)
             for name, table in learner.sparse.tables.items():
                 changes = table.changes_since(self._cursors.get(name, 0))
-                arrays[f"table/{name}/keys"] = changes.keys
-                arrays[f"table/{name}/values"] = changes.values
-                arrays[f"table/{name}/tombstones"] = changes.tombstones
+                serving |= {f"table/{name}/keys": changes.keys, f"table/{name}/values": changes.values,
+                            f"table/{name}/tombstones": changes.tombstones}
+                training |= table_delta_arrays(learner, name, changes.keys, changes.values, changes.tombstones)
                 cursors[name] = changes.cursor
                 rows += len(changes.keys)
                 tombstones += len(changes.tombstones)
-            delta = Payload(Kind.DELTA, version, version - 1, arrays, self._lossy(learner))
+            payloads[Kind.DELTA] = Payload(Kind.DELTA, version, version - 1, serving, lossy)
+            payloads[Kind.TRAIN_DELTA] = Payload(Kind.TRAIN_DELTA, version, version - 1, training)
         if self._first or self._snapshot_due(version):
-            arrays = dict(dense)
+            serving = dict(dense)
             for name, table in learner.sparse.tables.items():
                 full = table.changes_since(0)
-                arrays[f"table/{name}/keys"] = full.keys
-                arrays[f"table/{name}/values"] = full.values
-                arrays[f"table/{name}/default"] = np.array(table.config.default_value, dtype=np.float32)
+                serving |= {f"table/{name}/keys": full.keys, f"table/{name}/values": full.values,
+                            f"table/{name}/default": np.array(table.config.default_value, dtype=np.float32)}
                 cursors.setdefault(name, full.cursor)
-            snapshot = Payload(Kind.SNAPSHOT, version, 0, arrays, self._lossy(learner))
+            payloads[Kind.SNAPSHOT] = Payload(Kind.SNAPSHOT, version, 0, serving, lossy)
+            payloads[Kind.TRAIN_SNAPSHOT] = Payload(Kind.TRAIN_SNAPSHOT, version, 0,
+                                                    trainer_state | table_snapshot_arrays(learner))
         self._cursors.update(cursors)
         self._first = False
         manifest = Manifest(
             model=self.store.config.model,
             version=version,
-            base_version=version - 1 if delta is not None else 0,
+            base_version=version - 1 if Kind.DELTA in payloads else 0,
             global_step=learner.global_step,
             topic=position.topic,
             offsets=dict(position.offsets),
@@ -152,7 +166,7 @@ class Publisher:
             tombstones=tombstones,
             live_rows=learner.sparse.live_rows(),
         )
-        return VersionCut(manifest, delta, snapshot, cursors)
+        return VersionCut(manifest, payloads, cursors)
 
     def _snapshot_due(self, version: int) -> bool:
         """Every snapshot_every versions, or once the chain of deltas since the last snapshot
@@ -161,10 +175,6 @@ class Publisher:
             chain, snapshot = self.stats.delta_bytes_since_snapshot, self.stats.snapshot_bytes
         by_size = snapshot > 0 and chain > self.config.snapshot_delta_fraction * snapshot
         return version % self.config.snapshot_every == 0 or by_size
-
-    @staticmethod
-    def _lossy(learner: OnlineLearner) -> frozenset[str]:
-        return frozenset(f"table/{name}/values" for name in learner.sparse.tables)
 
     def _release_durable(self, learner: OnlineLearner) -> None:
         with self._lock:
@@ -176,8 +186,18 @@ class Publisher:
     # ---- writer thread -------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        while (cut := self._queue.get()) is not None:
-            self._write_until_done(cut)
+        try:
+            while (cut := self._queue.get()) is not None:
+                self._write_until_done(cut)
+        except BaseException as e:  # a bug, not Redis: stop the trainer rather than publish nothing
+            self._failure = e
+            log.exception("the publisher's writer failed")
+
+    def _raise_writer_failure(self) -> None:
+        """A dead writer must not leave the trainer learning what nobody will ever publish:
+        fail loudly; a restart resumes from the newest published version."""
+        if self._failure is not None:
+            raise RuntimeError("the publisher's writer thread failed") from self._failure
 
     def _write_until_done(self, cut: VersionCut) -> None:
         backoff = 0.1
@@ -197,19 +217,13 @@ class Publisher:
         rows = _ROW_ENCODINGS[self.config.row_encoding]
         compression = _COMPRESSIONS[self.config.compression]
         sizes = {}
-        for kind, payload in ((Kind.DELTA, cut.delta), (Kind.SNAPSHOT, cut.snapshot)):
-            if payload is None:
-                continue
-            data = encode(payload, rows=rows, compression=compression)
-            ref = self.store.write_payload(kind, m.version, data, self.config.chunk_bytes)
-            if kind is Kind.DELTA:
-                m.delta = ref
-            else:
-                m.snapshot = ref
+        for kind, payload in cut.payloads.items():
+            data = encode(payload, rows=rows, compression=compression)  # only serving rows are lossy
+            m.set_ref(kind, self.store.write_payload(kind, m.version, data, self.config.chunk_bytes))
             sizes[kind] = len(data)
             PUBLISH_BYTES.labels(kind.name.lower()).inc(len(data))
         self.store.commit(m)
-        if cut.snapshot is not None:
+        if Kind.SNAPSHOT in cut.payloads:
             self.store.retain(self.config.keep_snapshots)
         elapsed = time.monotonic() - started
         with self._lock:

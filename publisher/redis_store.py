@@ -1,7 +1,8 @@
 """The Redis layout shared by the publisher (writes) and serving nodes (reads).
 
 Keys, all under `<prefix>:<model>:`
-    payload:<kind>:<version>:<chunk>   binary payload chunks (publisher/payload.py)
+    payload:<kind>:<version>:<chunk>   binary payload chunks (publisher/payload.py); kinds:
+                                       snapshot, delta (serving), train_snapshot, train_delta
     gate                               operator override of the quality gate: open | hold
     manifest:<version>                 JSON manifest (publisher/manifest.py)
     snapshots                          sorted set of versions that have a snapshot
@@ -85,10 +86,18 @@ class RedisVersionStore:
         manifest = self.manifest(version)
         keys = [self.key("manifest", version)]
         if manifest is not None:
-            for kind, ref in ((Kind.DELTA, manifest.delta), (Kind.SNAPSHOT, manifest.snapshot)):
+            for kind in Kind:
+                ref = manifest.ref(kind)
                 if ref is not None:
                     keys += [self.key("payload", kind.name.lower(), version, i) for i in range(ref.chunks)]
         self.redis.delete(*keys)
+
+    def clear(self) -> int:
+        """Delete every key of this model (all versions, the stream, status): a fresh start."""
+        keys = list(self.redis.scan_iter(match=self.key("*"), count=1000))
+        for i in range(0, len(keys), 1000):
+            self.redis.delete(*keys[i:i + 1000])
+        return len(keys)
 
     def set_gate_override(self, value: str | None) -> None:
         """'open' or 'hold' overrides the publisher's quality gate; None returns it to automatic."""

@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rate", type=float, help="synthetic events per second (default: producer.rate)")
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--no-stack", action="store_true", help="use the configured Kafka and Redis; start nothing")
+    p.add_argument("--via-joiner", action="store_true",
+                   help="produce raw impressions and clicks, and label them with `freshrec join` (a subprocess)")
     p.set_defaults(func=run)
 
 
@@ -43,15 +45,19 @@ def run(args: argparse.Namespace) -> int:
             status = stack.enter_context(running_stack(settings.stack))
             settings.kafka.bootstrap_servers = status.kafka_bootstrap
             settings.redis.url = status.redis_url
+            if status.started_kafka:
+                _forget_previous_runs(settings)
         kafka = settings.kafka
-        ensure_topics(kafka, [kafka.samples_topic, kafka.dead_letter_topic], kafka.partitions)
+        ensure_topics(kafka, [kafka.samples_topic, kafka.dead_letter_topic, kafka.impressions_topic,
+                              kafka.clicks_topic], kafka.partitions)
         config_file = _write_settings(settings, stack)
         stop = threading.Event()
-        producer = _start_producer(settings, args.rate or settings.producer.rate, stop)
+        producer = _start_producer(settings, args.rate or settings.producer.rate, stop, args.via_joiner)
+        joiner = [stack.enter_context(_child(["join"], config_file, "joiner"))] if args.via_joiner else []
         trainer = stack.enter_context(_child(["train"], config_file, "trainer"))
         server = stack.enter_context(_child(["serve"], config_file, "serving"))
         try:
-            _watch(settings, [trainer, server], args.duration)
+            _watch(settings, [*joiner, trainer, server], args.duration)
         except KeyboardInterrupt:
             print("\nstopping ...", flush=True)
         finally:
@@ -59,6 +65,16 @@ def run(args: argparse.Namespace) -> int:
             producer.join(timeout=10)
     print("stopped cleanly", flush=True)
     return 0
+
+
+def _forget_previous_runs(settings: Settings) -> None:
+    """The embedded broker keeps nothing on disk: versions in Redis from an earlier run name
+    offsets of a broker that is gone, so a fresh broker starts a fresh model."""
+    from publisher.redis_store import RedisVersionStore
+
+    removed = RedisVersionStore(settings.redis).clear()
+    if removed:
+        print(f"fresh broker: removed {removed} Redis keys of model {settings.redis.model!r} from an earlier run")
 
 
 def _write_settings(settings: Settings, stack: ExitStack) -> Path:
@@ -70,11 +86,16 @@ def _write_settings(settings: Settings, stack: ExitStack) -> Path:
     return path
 
 
-def _start_producer(settings: Settings, rate: float, stop: threading.Event) -> threading.Thread:
+def _start_producer(settings: Settings, rate: float, stop: threading.Event, raw: bool = False) -> threading.Thread:
     from stream.producer import produce
     from stream.synthetic import SyntheticStream
 
-    stream = SyntheticStream(settings.feature_schema(), seed=settings.producer.seed)
+    if raw:  # impressions and clicks for the joiner
+        from freshrec.commands.produce import raw_events
+
+        stream = raw_events(settings, None, None, click_delay_s=min(5.0, settings.joiner.window_s / 4))
+    else:
+        stream = SyntheticStream(settings.feature_schema(), seed=settings.producer.seed)
     thread = threading.Thread(target=produce, name="producer", daemon=True,
                               kwargs=dict(kafka=settings.kafka, source=stream, rate=rate, stop=stop))
     thread.start()

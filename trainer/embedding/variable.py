@@ -309,6 +309,51 @@ class EmbeddingVariable:
         prefix = "admission."
         self._admission.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
+    # -- incremental training state (resume from a snapshot plus deltas) ------------------
+
+    @_locked
+    def row_state(self, keys: np.ndarray) -> dict[str, np.ndarray]:
+        """Optimizer state and last-update step of live keys: with their values, a row's all."""
+        slots = self._index.get(as_keys(keys))
+        if (slots < 0).any():
+            raise KeyError("row_state of keys that have no row")
+        return {"last_step": self._last_step[slots], **{f"optimizer.{n}": a[slots] for n, a in self._state.items()}}
+
+    @_locked
+    def scalars(self) -> dict[str, np.ndarray]:
+        return {"step": np.array(self._step, dtype=np.int64),
+                "last_eviction": np.array(self._last_eviction, dtype=np.int64),
+                "optimizer.step_count": np.array(self._optimizer.step_count, dtype=np.int64)}
+
+    @_locked
+    def apply_rows(self, keys: np.ndarray, values: np.ndarray, row_state: dict[str, np.ndarray],
+                   tombstones: np.ndarray, scalars: dict[str, np.ndarray]) -> None:
+        """Replays a training delta: tombstoned keys leave, then rows arrive with their whole
+        state (as `row_state` gave it). Rows are stamped as changes of the open epoch."""
+        self._lookup_cache = None
+        gone = as_keys(tombstones)
+        slots = self._index.get(gone)
+        self._stamps[slots[slots >= 0]] = 0
+        self._index.remove(gone[slots >= 0])
+        keys = as_keys(keys)
+        slots = self._index.put(keys)
+        self._fit_rows()
+        self._values[slots] = values
+        self._last_step[slots] = row_state["last_step"]
+        for name, array in self._state.items():
+            array[slots] = row_state[f"optimizer.{name}"]
+        self._stamps[slots] = self._clock
+        self._step = int(scalars["step"])
+        self._last_eviction = int(scalars["last_eviction"])
+        self._optimizer.step_count = int(scalars["optimizer.step_count"])
+
+    @_locked
+    def mark(self) -> int:
+        """A cursor at this instant: changes_since(mark()) later returns only what changed after."""
+        cut = self._clock
+        self._clock += 1
+        return cut
+
     # -- memory ---------------------------------------------------------------------------
 
     def memory(self) -> dict[str, int]:
