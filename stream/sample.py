@@ -3,13 +3,23 @@
 The codec is the only place that turns untrusted bytes into numbers. Anything it cannot
 accept raises `InvalidSample` with a reason short enough to be a metric label and precise
 enough to fix the producer; the caller sends the message to the dead-letter topic.
+
+`decode_batch` decodes a whole micro-batch into columns (numpy arrays) at once, which is what
+the trainer reads: per field, one type check over the column and one conversion, instead of
+39 Python checks per message. Its result is defined to be the per-message `decode`: rows the
+column checks cannot vouch for go through `decode`'s own code (`from_dict`), so a message is
+accepted, or refused with a reason, exactly as `decode` would.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import repeat
+from operator import is_not, itemgetter
+from typing import Sequence
 
+import numpy as np
 import orjson
 
 from stream.hashing import INT64_MAX, INT64_MIN, hash_string_id
@@ -90,7 +100,10 @@ class SampleCodec:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise InvalidSample("bad_dense", f"{name}={v!r} is not a number")
-            v = float(v)
+            try:
+                v = float(v)
+            except OverflowError:  # an int too large for a float (a dict, not JSON, can hold one)
+                raise InvalidSample("non_finite_dense", f"{name} is too large") from None
             if not math.isfinite(v):
                 raise InvalidSample("non_finite_dense", f"{name}={v!r}")
             out.append(math.copysign(math.log1p(abs(v)), v) if log1p else v)
@@ -111,6 +124,10 @@ class SampleCodec:
             out.append(tuple(_key(name, x, is_string) for x in values))
         return tuple(out)
 
+    def decode_batch(self, raws: Sequence[bytes]) -> "DecodedBatch":
+        """Decode and validate many messages at once; the same outcome per message as `decode`."""
+        return _BatchDecoder(self).decode(raws)
+
     def encode(self, obj: dict) -> bytes:
         """Serialise a sample dict as producers should (compact JSON)."""
         return orjson.dumps(obj)
@@ -126,3 +143,248 @@ def _key(name: str, value: object, is_string: bool) -> int:
     if not INT64_MIN <= value <= INT64_MAX:
         raise InvalidSample("id_out_of_range", f"{name}={value} is outside int64")
     return value
+
+
+# -- batch decoding --------------------------------------------------------------------------
+
+_NONE = type(None)
+_INT_OR_FLOAT = {int, float}
+_NUMBER_OR_NONE = {int, float, _NONE}
+_STR_OR_NONE = {str, _NONE}
+_INT_OR_NONE = {int, _NONE}
+HASH_CACHE_MAX = 1 << 20  # string id -> key entries kept per codec (Zipf-hot ids hit it)
+
+
+@dataclass
+class SparseColumn:
+    """One sparse feature over the valid rows: flat keys and ids per row."""
+
+    keys: np.ndarray  # int64 [total ids]
+    lengths: np.ndarray  # int64 [rows]
+
+
+@dataclass
+class DecodedBatch:
+    """Valid samples as columns, in message order, and the refused messages with their reason."""
+
+    rows: np.ndarray  # int64 [n]: index of each valid sample in the decoded messages
+    labels: np.ndarray  # int64 [n]
+    event_times: np.ndarray  # float64 [n]
+    dense: np.ndarray  # float64 [n, n_dense], transformed, defaults filled in
+    sparse: list[SparseColumn]  # schema order
+    errors: list[tuple[int, InvalidSample]] = field(default_factory=list)  # (message index, why)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def features(self) -> list[Features]:
+        """Per-sample `Features` (what `decode` returns), for callers that want objects."""
+        dense = [tuple(r) for r in self.dense.astype(np.float64).tolist()]
+        per_feature = []
+        for col in self.sparse:
+            keys = col.keys.tolist()
+            ends = np.cumsum(col.lengths).tolist()
+            starts = [0, *ends[:-1]]
+            per_feature.append([tuple(keys[a:b]) for a, b in zip(starts, ends)])
+        sparse = list(zip(*per_feature)) if per_feature else [()] * len(self)
+        return [Features(d, tuple(s)) for d, s in zip(dense, sparse)]
+
+    def samples(self) -> list[Sample]:
+        return [Sample(int(y), float(t), f)
+                for y, t, f in zip(self.labels.tolist(), self.event_times.tolist(), self.features())]
+
+
+class _BatchDecoder:
+    """Column checks decide the common case; any row they cannot vouch for is decided by
+    `SampleCodec.from_dict`, the per-message definition, so outcomes never differ."""
+
+    def __init__(self, codec: SampleCodec) -> None:
+        self.codec = codec
+        s = codec.schema
+        self.names = [s.label, s.event_time, *(f.name for f in s.dense), *(f.name for f in s.sparse)]
+        self.getter = itemgetter(*self.names)
+        self.cache: dict[str, int] = getattr(codec, "_hash_cache", None) or {}
+        codec._hash_cache = self.cache  # type: ignore[attr-defined]
+
+    def decode(self, raws: Sequence[bytes]) -> DecodedBatch:
+        codec = self.codec
+        limit = codec.max_message_bytes
+        errors: list[tuple[int, InvalidSample]] = []
+        objs: list[dict] = []
+        index: list[int] = []
+        loads = orjson.loads
+        for i, raw in enumerate(raws):
+            if len(raw) > limit:
+                errors.append((i, InvalidSample("oversized", f"{len(raw)} bytes > {limit}")))
+                continue
+            try:
+                obj = loads(raw)
+            except orjson.JSONDecodeError as e:
+                errors.append((i, InvalidSample("malformed_json", str(e))))
+                continue
+            if type(obj) is not dict:
+                if isinstance(obj, dict):  # a dict subclass cannot come from orjson, but be exact
+                    obj = dict(obj)
+                else:
+                    errors.append((i, InvalidSample("not_an_object", type(obj).__name__)))
+                    continue
+            objs.append(obj)
+            index.append(i)
+        n = len(objs)
+        schema = codec.schema
+        n_dense, n_sparse = len(schema.dense), len(schema.sparse)
+        if n == 0:
+            errors.sort(key=lambda e: e[0])
+            return DecodedBatch(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64),
+                                np.zeros((0, n_dense), np.float32),
+                                [SparseColumn(np.zeros(0, np.int64), np.zeros(0, np.int64)) for _ in range(n_sparse)],
+                                errors)
+        cols = self._columns(objs)
+        suspect = np.zeros(n, dtype=bool)
+
+        labels = self._ints(cols[0], suspect)
+        suspect |= (labels != 0) & (labels != 1)
+        times = self._floats(cols[1], suspect, _INT_OR_FLOAT)
+        suspect |= ~np.isfinite(times)
+
+        dense = np.empty((n, n_dense), dtype=np.float64)
+        for j, (_, log1p, default) in enumerate(codec._dense):
+            x = self._floats(cols[2 + j], suspect, _NUMBER_OR_NONE)
+            missing = np.isnan(x)
+            suspect |= np.isinf(x)
+            if log1p:
+                x = np.copysign(np.log1p(np.abs(x)), x)
+            dense[:, j] = np.where(missing, default, x)
+
+        sparse: list[list | tuple[np.ndarray, np.ndarray]] = []
+        for j, (name, is_string, multi, max_ids) in enumerate(codec._sparse):
+            col = cols[2 + n_dense + j]
+            if multi:
+                sparse.append(self._multi(name, col, is_string, max_ids, suspect))
+            else:
+                sparse.append(self._single(col, is_string, suspect))
+
+        keep = ~suspect
+        patches: dict[int, Sample] = {}
+        for r in np.flatnonzero(suspect).tolist():
+            try:
+                patches[r] = codec.from_dict(objs[r])
+            except InvalidSample as e:
+                errors.append((index[r], e))
+                continue
+            keep[r] = True
+        for r, sample in patches.items():  # rows the column checks could not vouch for, but valid
+            labels[r] = sample.label
+            times[r] = sample.event_time
+            dense[r] = sample.features.dense
+            for j, keys in enumerate(sample.features.sparse):
+                if isinstance(sparse[j], list):
+                    sparse[j][r] = keys
+                else:
+                    k, present = sparse[j]
+                    present[r] = bool(keys)
+                    k[r] = keys[0] if keys else 0
+
+        columns = []
+        for part in sparse:
+            if isinstance(part, list):
+                rows = [part[r] for r in np.flatnonzero(keep).tolist()]
+                lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+                flat = [k for ks in rows for k in ks]
+                columns.append(SparseColumn(np.array(flat, dtype=np.int64).reshape(-1), lengths))
+            else:
+                k, present = part
+                present = present[keep]
+                columns.append(SparseColumn(k[keep][present], present.astype(np.int64)))
+        errors.sort(key=lambda e: e[0])
+        return DecodedBatch(np.asarray(index, dtype=np.int64)[keep], labels[keep], times[keep],
+                            dense[keep], columns, errors)
+
+    def _columns(self, objs: list[dict]) -> list[tuple]:
+        try:
+            return list(zip(*map(self.getter, objs)))
+        except KeyError:  # some message lacks a field (absent features are allowed)
+            return [[o.get(name) for o in objs] for name in self.names]
+
+    @staticmethod
+    def _clean(col: Sequence, suspect: np.ndarray, allowed: set, placeholder: object) -> Sequence:
+        """The column with values of an unexpected type replaced (their rows marked suspect)."""
+        if set(map(type, col)) <= allowed:
+            return col
+        out = list(col)
+        for r, v in enumerate(out):
+            if type(v) not in allowed:
+                suspect[r] = True
+                out[r] = placeholder
+        return out
+
+    def _ints(self, col: Sequence, suspect: np.ndarray) -> np.ndarray:
+        col = self._clean(col, suspect, {int}, 0)
+        try:
+            return np.array(col, dtype=np.int64)
+        except OverflowError:
+            out = np.zeros(len(col), dtype=np.int64)
+            for r, v in enumerate(col):
+                if -(1 << 63) <= v < (1 << 63):
+                    out[r] = v
+                else:
+                    suspect[r] = True
+            return out
+
+    def _floats(self, col: Sequence, suspect: np.ndarray, allowed: set) -> np.ndarray:
+        """float64; None (where allowed) becomes NaN, which JSON cannot otherwise produce."""
+        col = self._clean(col, suspect, allowed, 0.0)
+        try:
+            return np.array(col, dtype=np.float64)
+        except (OverflowError, TypeError, ValueError):
+            out = np.zeros(len(col), dtype=np.float64)
+            for r, v in enumerate(col):
+                try:
+                    out[r] = np.nan if v is None else float(v)
+                except OverflowError:
+                    suspect[r] = True
+            return out
+
+    def _single(self, col: Sequence, is_string: bool, suspect: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Keys [n] (0 where absent) and a presence mask."""
+        n = len(col)
+        col = self._clean(col, suspect, _STR_OR_NONE if is_string else _INT_OR_NONE, None)
+        present = np.fromiter(map(is_not, col, repeat(None)), dtype=bool, count=n)
+        if is_string:
+            cache = self.cache
+            try:
+                return np.fromiter(map(cache.__getitem__, col), dtype=np.int64, count=n), present
+            except KeyError:
+                if len(cache) > HASH_CACHE_MAX:
+                    cache.clear()
+                for v in col:
+                    if v not in cache:
+                        cache[v] = 0 if v is None else hash_string_id(v)
+                return np.fromiter(map(cache.__getitem__, col), dtype=np.int64, count=n), present
+        values = [0 if v is None else v for v in col]
+        try:
+            return np.array(values, dtype=np.int64), present
+        except OverflowError:
+            out = np.zeros(n, dtype=np.int64)
+            for r, v in enumerate(values):
+                if INT64_MIN <= v <= INT64_MAX:
+                    out[r] = v
+                else:
+                    suspect[r] = True
+            return out, present
+
+    def _multi(self, name: str, col: Sequence, is_string: bool, max_ids: int, suspect: np.ndarray) -> list:
+        """Per row a tuple of keys; rows that are not a list of ids of the right type are suspect."""
+        out: list[tuple[int, ...]] = []
+        for r, v in enumerate(col):
+            if v is None:
+                out.append(())
+                continue
+            try:
+                out.append(tuple(_key(name, x, is_string) for x in v) if type(v) is list and len(v) <= max_ids else None)
+            except InvalidSample:
+                out.append(None)
+            if out[-1] is None:
+                suspect[r] = True
+                out[-1] = ()
+        return out

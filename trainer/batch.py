@@ -3,6 +3,10 @@ of the batch with each feature's indices into them.
 
 Deduplicating keys per table once per batch is what makes the sparse step cheap: the
 Embedding Variable is read and updated once per distinct key, never once per occurrence.
+
+A batch is built either from per-sample `Features` (`build_batch`) or straight from the
+columns of a decoded micro-batch (`build_batch_from_columns`, the trainer's path); both go
+through `BatchArrays`, a numpy-only form that crosses process boundaries.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from stream.sample import Features
+from stream.sample import DecodedBatch, Features
 from stream.schema import FeatureSchema
 
 
@@ -48,32 +52,81 @@ class Batch:
 
 
 def build_batch(schema: FeatureSchema, features: Sequence[Features], labels: Sequence[int] | None = None) -> Batch:
+    """A batch from per-sample `Features` (serving requests, tests)."""
     n = len(features)
-    dense = torch.tensor([f.dense for f in features], dtype=torch.float32).reshape(n, len(schema.dense))
+    dense = np.array([f.dense for f in features], dtype=np.float32).reshape(n, len(schema.dense))
     per_feature = [_flatten(features, i) for i in range(len(schema.sparse))]
+    label_array = None if labels is None else np.asarray(labels, dtype=np.float32)
+    return BatchArrays.build(schema, dense, per_feature, label_array).to_batch()
 
-    by_table: dict[str, list[int]] = {}
-    for i, f in enumerate(schema.sparse):
-        by_table.setdefault(f.table_name, []).append(i)
 
-    tables: dict[str, TableKeys] = {}
-    indices: list[torch.Tensor] = [torch.empty(0)] * len(schema.sparse)
-    for table, feature_ids in by_table.items():
-        all_keys = np.concatenate([per_feature[i][0] for i in feature_ids])
-        uniq, inverse, counts = np.unique(all_keys, return_inverse=True, return_counts=True)
-        tables[table] = TableKeys(uniq, counts)
-        start = 0
-        for i in feature_ids:
-            size = len(per_feature[i][0])
-            indices[i] = torch.from_numpy(inverse[start:start + size].astype(np.int64, copy=False))
-            start += size
+def build_batch_from_columns(schema: FeatureSchema, decoded: DecodedBatch) -> Batch:
+    """A batch from a decoded micro-batch's columns (`SampleCodec.decode_batch`)."""
+    return BatchArrays.from_decoded(schema, decoded).to_batch()
 
-    bags = tuple(
-        FeatureBag(f.table_name, indices[i], torch.from_numpy(per_feature[i][1]), f.pooling)
-        for i, f in enumerate(schema.sparse)
-    )
-    label_tensor = None if labels is None else torch.tensor(labels, dtype=torch.float32)
-    return Batch(dense, bags, tables, label_tensor)
+
+@dataclass
+class BatchArrays:
+    """A `Batch` as numpy arrays only: what a decoding process hands to the training process
+    (pickles as raw buffers; `to_batch` wraps them as tensors without copying)."""
+
+    dense: np.ndarray  # float32 [B, n_dense]
+    bag_indices: list[np.ndarray]  # int64, per sparse feature
+    bag_offsets: list[np.ndarray]  # int64 [B], per sparse feature
+    tables: dict[str, tuple[np.ndarray, np.ndarray]]  # table -> (sorted unique keys, counts)
+    tables_of_bags: list[str]
+    modes: list[str]
+    labels: np.ndarray | None = None  # float32 [B]
+
+    def __len__(self) -> int:
+        return self.dense.shape[0]
+
+    @classmethod
+    def build(cls, schema: FeatureSchema, dense: np.ndarray, per_feature: Sequence[tuple[np.ndarray, np.ndarray]],
+              labels: np.ndarray | None) -> "BatchArrays":
+        """From the dense matrix and, per sparse feature, its flat keys and bag start offsets."""
+        by_table: dict[str, list[int]] = {}
+        for i, f in enumerate(schema.sparse):
+            by_table.setdefault(f.table_name, []).append(i)
+        tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        indices: list[np.ndarray] = [np.empty(0, np.int64)] * len(schema.sparse)
+        for table, feature_ids in by_table.items():
+            parts = [per_feature[i][0] for i in feature_ids]
+            all_keys = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            uniq, inverse, counts = np.unique(all_keys, return_inverse=True, return_counts=True)
+            tables[table] = (uniq, counts)
+            inverse = inverse.reshape(-1).astype(np.int64, copy=False)
+            start = 0
+            for i, part in zip(feature_ids, parts):
+                indices[i] = inverse[start:start + len(part)]
+                start += len(part)
+        return cls(np.ascontiguousarray(dense, dtype=np.float32), indices,
+                   [np.asarray(p[1], dtype=np.int64) for p in per_feature], tables,
+                   [f.table_name for f in schema.sparse], [f.pooling for f in schema.sparse], labels)
+
+    @classmethod
+    def from_decoded(cls, schema: FeatureSchema, decoded: DecodedBatch) -> "BatchArrays":
+        per_feature = []
+        for col in decoded.sparse:
+            offsets = np.zeros(len(col.lengths), dtype=np.int64)
+            np.cumsum(col.lengths[:-1], out=offsets[1:])
+            per_feature.append((col.keys, offsets))
+        return cls.build(schema, decoded.dense, per_feature, decoded.labels.astype(np.float32))
+
+    @classmethod
+    def from_batch(cls, batch: Batch) -> "BatchArrays":
+        return cls(batch.dense.numpy(), [b.indices.numpy() for b in batch.bags], [b.offsets.numpy() for b in batch.bags],
+                   {name: (t.keys, t.counts) for name, t in batch.tables.items()}, [b.table for b in batch.bags],
+                   [b.mode for b in batch.bags], None if batch.labels is None else batch.labels.numpy())
+
+    def to_batch(self) -> Batch:
+        bags = tuple(
+            FeatureBag(t, torch.from_numpy(i), torch.from_numpy(o), m)
+            for t, i, o, m in zip(self.tables_of_bags, self.bag_indices, self.bag_offsets, self.modes)
+        )
+        tables = {name: TableKeys(keys, counts) for name, (keys, counts) in self.tables.items()}
+        labels = None if self.labels is None else torch.from_numpy(self.labels)
+        return Batch(torch.from_numpy(self.dense), bags, tables, labels)
 
 
 def _flatten(features: Sequence[Features], i: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,212 @@
+"""Trainer throughput from Kafka against the bare in-memory training step, per model.
+
+For each model (DLRM, DeepFM, Wide & Deep, DCN-v2), on the same N synthetic Criteo-shaped
+samples, in one run:
+
+- in memory: the training step alone (`OnlineLearner.learn`, progressive metrics included)
+  on micro-batches decoded before the clock starts; measured before and after the Kafka
+  pass, and averaged, so that a load change on the shared machine does not favour one side;
+- from Kafka: the whole path (consume, decode, validate, batch, step, track offsets and
+  watermark, dead letters, Prometheus metrics) reading the samples from a fresh topic on a
+  Tansu broker this benchmark starts on a free port.
+
+Both start timing after `--warmup` micro-batches. The last line is a JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+MODELS = ["dlrm", "deepfm", "wide_deep", "dcn_v2"]
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="a small run (seconds), for smoke tests")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from " + ",".join(MODELS))
+    parser.add_argument("--samples", type=int, default=100_000, help="samples produced and learned per pass")
+    parser.add_argument("--batch", type=int, default=512, help="micro-batch size")
+    parser.add_argument("--max-wait-ms", type=int, default=100, help="micro-batch time bound")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed micro-batches first")
+    parser.add_argument("--partitions", type=int, default=2)
+    parser.add_argument("--ingest", choices=["process", "inline"], default="process",
+                        help="decode in a separate process (default) or on the training thread")
+    parser.add_argument("--client", choices=["auto", "confluent", "kafka-python"], default="auto",
+                        help="Kafka client that reads (auto: confluent-kafka when installed)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; >1 on a shared 2-core machine makes OpenMP spin and figures erratic")
+    parser.add_argument("--bootstrap", default=None, help="use this broker instead of starting Tansu")
+    parser.add_argument("--seed", type=int, default=7)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _produce(kafka, messages: list[bytes]) -> float:
+    """All messages to the samples topic; returns messages/s."""
+    started = time.perf_counter()
+    try:
+        from confluent_kafka import Producer
+    except ImportError:
+        from stream.producer import produce
+
+        produce(kafka, messages)
+    else:
+        producer = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 20,
+                             "batch.size": 1 << 20, "acks": "all"})
+        for i, value in enumerate(messages):
+            while True:
+                try:
+                    producer.produce(kafka.samples_topic, value, partition=i % kafka.partitions)
+                    break
+                except BufferError:
+                    producer.poll(0.01)
+            producer.poll(0)
+        if producer.flush(60) != 0:
+            raise RuntimeError("messages were not all acknowledged")
+    return len(messages) / (time.perf_counter() - started)
+
+
+def _in_memory(schema, config, batches, warmup: int) -> float:
+    from trainer.learner import OnlineLearner
+
+    learner = OnlineLearner(schema, config)
+    for b in batches[:warmup]:
+        learner.learn(b)
+    timed = batches[warmup:]
+    started = time.perf_counter()
+    for b in timed:
+        learner.learn(b)
+    return sum(len(b) for b in timed) / (time.perf_counter() - started)
+
+
+def _from_kafka(schema, config, kafka, total: int, args) -> dict:
+    from stream.sample import SampleCodec
+    from trainer.learner import OnlineLearner
+    from trainer.loop import Position
+    from trainer.metrics import MetricsHook
+    from trainer.source import KafkaSampleSource
+
+    learner = OnlineLearner(schema, config)
+    opened = time.perf_counter()
+    source = KafkaSampleSource(kafka, SampleCodec(schema), config.batch_size, config.max_batch_wait_ms,
+                               ingest=args.ingest, client=args.client)
+    startup_s = time.perf_counter() - opened
+    hook = MetricsHook(source, log_every_s=3600)
+    position = Position(topic=kafka.samples_topic)
+    steps = learned = timed_samples = 0
+    started = None
+    try:
+        while sum(source.positions.values()) < total:
+            micro = source.next_batch()
+            if micro is None:
+                continue
+            batch = micro.batch
+            if batch is not None:
+                learner.learn(batch)
+                position.watermark = max(position.watermark, micro.watermark)
+                position.newest_produced_ms = max(position.newest_produced_ms, micro.newest_produced_ms)
+                learned += len(batch)
+                if started is not None:
+                    timed_samples += len(batch)
+            position.offsets = micro.next_offsets
+            source.flush()
+            hook.after_step(learner, position)
+            steps += 1
+            if steps == args.warmup:
+                started = time.perf_counter()
+        elapsed = time.perf_counter() - started
+        client = source.client_name
+        dead = sum(source.dead_letters.values())
+    finally:
+        source.close()
+    return {"rate": timed_samples / elapsed, "learned": learned, "dead_letters": dead, "startup_s": startup_s,
+            "client": client, "auc": learner.metrics.auc()}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ops.config import StackConfig
+    from ops.stack import redis_answers, running_stack
+    from stream.config import KafkaConfig
+    from stream.sample import SampleCodec
+    from stream.schema import load_schema
+    from stream.synthetic import SyntheticStream
+    from stream.topics import ensure_topics
+    from trainer.batch import build_batch_from_columns
+    from trainer.config import TrainerConfig
+
+    if args.quick:
+        args.samples, args.warmup = min(args.samples, 6000), min(args.warmup, 2)
+    torch.set_num_threads(args.threads)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"unknown models: {unknown}")
+    schema = load_schema("criteo")
+    samples = SyntheticStream(schema, seed=args.seed).take(args.samples)
+    messages = [orjson.dumps(s) for s in samples]
+    codec = SampleCodec(schema)
+    batches = []
+    for i in range(0, len(messages), args.batch):
+        batches.append(build_batch_from_columns(schema, codec.decode_batch(messages[i:i + args.batch])))
+
+    def bench(kafka: KafkaConfig) -> list[dict]:
+        topic = f"bench-trainer-{int(time.time() * 1000)}"
+        kafka = kafka.model_copy(update={"samples_topic": topic, "dead_letter_topic": topic + "-dead",
+                                         "partitions": args.partitions})
+        ensure_topics(kafka, [kafka.samples_topic, kafka.dead_letter_topic])
+        produce_rate = _produce(kafka, messages)
+        print(f"{len(messages)} samples ({np.mean([len(m) for m in messages]):.0f} bytes each) produced to "
+              f"{kafka.samples_topic} at {produce_rate:,.0f}/s; batch {args.batch}, torch threads {args.threads}, "
+              f"ingest {args.ingest}", flush=True)
+        rows = []
+        for model in models:
+            config = TrainerConfig(model=model, batch_size=args.batch, max_batch_wait_ms=args.max_wait_ms,
+                                   metrics_port=0, seed=args.seed)
+            before = _in_memory(schema, config, batches, args.warmup)
+            kafka_run = _from_kafka(schema, config, kafka, len(messages), args)
+            after = _in_memory(schema, config, batches, args.warmup)
+            memory = (before + after) / 2
+            rows.append({"model": model, "in_memory_per_s": round(memory), "in_memory_spread": round(abs(before - after)),
+                         "kafka_per_s": round(kafka_run["rate"]), "ratio": round(kafka_run["rate"] / memory, 3),
+                         "learned": kafka_run["learned"], "dead_letters": kafka_run["dead_letters"],
+                         "client": kafka_run["client"], "source_startup_s": round(kafka_run["startup_s"], 2)})
+            r = rows[-1]
+            print(f"  {model:<10} in memory {r['in_memory_per_s']:>9,}/s (±{r['in_memory_spread'] / 2:,.0f})   "
+                  f"from Kafka {r['kafka_per_s']:>9,}/s   ratio {r['ratio']:.2f}", flush=True)
+        return rows
+
+    if args.bootstrap:
+        rows = bench(KafkaConfig(bootstrap_servers=args.bootstrap))
+    else:
+        redis_port = 6379 if redis_answers("127.0.0.1", 6379) else _free_port()
+        with tempfile.TemporaryDirectory() as run_dir:
+            cfg = StackConfig(kafka_port=_free_port(), redis_port=redis_port, run_dir=Path(run_dir))
+            with running_stack(cfg) as status:
+                rows = bench(KafkaConfig(bootstrap_servers=status.kafka_bootstrap))
+
+    print()
+    print("| model | in-memory step (samples/s) | whole path from Kafka (samples/s) | ratio |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['in_memory_per_s']:,} | {r['kafka_per_s']:,} | {r['ratio']:.2f} |")
+    result = {"benchmark": "trainer", "samples": len(messages), "batch": args.batch, "ingest": args.ingest,
+              "threads": args.threads, "models": rows,
+              "min_ratio": min(r["ratio"] for r in rows) if rows else None}
+    print(json.dumps(result))
+    ok = all(r["learned"] == len(messages) for r in rows)
+    return 0 if ok else 1
