@@ -1,4 +1,5 @@
-"""`freshrec serve`: a serving node (uvicorn + FastAPI)."""
+"""`freshrec serve`: a serving node (uvicorn + FastAPI). Each worker process follows Redis
+on its own (its own follower, its own two buffers); run several nodes the same way."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
     if args.config:
         os.environ["FRESHREC_CONFIG"] = args.config  # workers build their app from the environment
     settings = load_settings()
+    # uvloop and httptools when installed (they are dependencies); no access log on the hot path.
     uvicorn.run("freshrec.pipeline:serving_app_from_env", factory=True, host=args.host or settings.serving.host,
-                port=args.port or settings.serving.port, workers=args.workers, log_level="warning")
+                port=args.port or settings.serving.port, workers=args.workers, log_level="warning",
+                access_log=False, loop="auto", http="auto", timeout_keep_alive=30)
     return 0
