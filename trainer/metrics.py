@@ -1,7 +1,7 @@
 """Prometheus metrics of the trainer, updated by a training-loop hook.
 
 Progressive AUC and log loss are the trainer's quality signal (every batch scored before
-it is learned); the rest say how fast it learns and how its tables grow and shrink.
+it is learned), over a window of samples and over a window of time; the rest say how fast it learns and how its tables grow and shrink.
 """
 
 from __future__ import annotations
@@ -20,8 +20,15 @@ log = logging.getLogger(__name__)
 SAMPLES = Counter("freshrec_trainer_samples", "Samples learned")
 STEPS = Counter("freshrec_trainer_steps", "Training steps")
 DEAD_LETTERS = Counter("freshrec_trainer_dead_letters", "Messages sent to the dead-letter topic", ["reason"])
-AUC = Gauge("freshrec_trainer_progressive_auc", "Rolling progressive-validation AUC")
-LOG_LOSS = Gauge("freshrec_trainer_progressive_log_loss", "Rolling progressive-validation log loss")
+AUC = Gauge("freshrec_trainer_progressive_auc", "Rolling progressive-validation AUC (last N samples)")
+LOG_LOSS = Gauge("freshrec_trainer_progressive_log_loss", "Rolling progressive-validation log loss (last N samples)")
+AUC_TIME = Gauge("freshrec_trainer_progressive_auc_time_window",
+                 "Progressive-validation AUC over the samples scored in the last time_window_seconds")
+LOG_LOSS_TIME = Gauge("freshrec_trainer_progressive_log_loss_time_window",
+                      "Progressive-validation log loss over the samples scored in the last time_window_seconds")
+WINDOW_SAMPLES = Gauge("freshrec_trainer_progressive_window_samples",
+                       "Samples in each progressive-validation window", ["window"])
+TIME_WINDOW_SECONDS = Gauge("freshrec_trainer_progressive_time_window_seconds", "Length of the time window")
 LIVE_ROWS = Gauge("freshrec_trainer_live_rows", "Live rows per embedding table", ["table"])
 WATERMARK = Gauge("freshrec_trainer_watermark_seconds", "Newest event time learned")
 LAG = Gauge("freshrec_trainer_kafka_lag", "Messages behind the partition high watermark", ["partition"])
@@ -56,15 +63,24 @@ class MetricsHook:
                 LAG.labels(str(partition)).set(lag)
         if now - self._last_log >= self.log_every_s:
             self._last_log = now
-            log.info("step %d, %d samples, progressive AUC %.4f, log loss %.4f, live rows %d",
-                     learner.global_step, learner.samples_seen, learner.metrics.auc(),
-                     learner.metrics.log_loss(), sum(learner.sparse.live_rows().values()))
+            m = learner.metrics
+            log.info("step %d, %d samples, progressive AUC %.4f / log loss %.4f (last %d samples), "
+                     "AUC %.4f / log loss %.4f (last %.0f s, %d samples), dead letters %d, live rows %d",
+                     learner.global_step, learner.samples_seen, m.auc(), m.log_loss(), min(m.seen, m.window),
+                     m.time_auc(), m.time_log_loss(), m.time_window_s, m.time_window_count(),
+                     sum(self.source.dead_letters.values()), sum(learner.sparse.live_rows().values()))
 
     def close(self, learner: OnlineLearner, position: Position) -> None:
         self._export_quality(learner)
 
     def _export_quality(self, learner: OnlineLearner) -> None:
-        AUC.set(learner.metrics.auc())
-        LOG_LOSS.set(learner.metrics.log_loss())
+        m = learner.metrics
+        AUC.set(m.auc())
+        LOG_LOSS.set(m.log_loss())
+        AUC_TIME.set(m.time_auc())
+        LOG_LOSS_TIME.set(m.time_log_loss())
+        WINDOW_SAMPLES.labels("samples").set(min(m.seen, m.window))
+        WINDOW_SAMPLES.labels("time").set(m.time_window_count())
+        TIME_WINDOW_SECONDS.set(m.time_window_s)
         for table, rows in learner.sparse.live_rows().items():
             LIVE_ROWS.labels(table).set(rows)
