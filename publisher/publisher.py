@@ -79,6 +79,7 @@ class Publisher:
         self._lock = threading.Lock()
         self._queue: queue.Queue[VersionCut | None] = queue.Queue(maxsize=config.max_pending)
         self._failure: BaseException | None = None
+        self._lost_base = threading.Event()  # Redis lost the chain: the next cut carries a snapshot
         self._writer = threading.Thread(target=self._write_loop, name="publisher-writer", daemon=True)
         self._writer.start()
         GATE_OPEN.set(1)
@@ -174,6 +175,9 @@ class Publisher:
         with self._lock:
             chain, snapshot = self.stats.delta_bytes_since_snapshot, self.stats.snapshot_bytes
         by_size = snapshot > 0 and chain > self.config.snapshot_delta_fraction * snapshot
+        if self._lost_base.is_set():
+            self._lost_base.clear()
+            return True
         return version % self.config.snapshot_every == 0 or by_size
 
     def _release_durable(self, learner: OnlineLearner) -> None:
@@ -216,6 +220,12 @@ class Publisher:
         m = cut.manifest
         rows = _ROW_ENCODINGS[self.config.row_encoding]
         compression = _COMPRESSIONS[self.config.compression]
+        if Kind.SNAPSHOT not in cut.payloads and self.store.head() != m.base_version:
+            # Flushed or restarted empty (or another trainer publishes this model): a delta on a
+            # version Redis no longer has helps nobody. Serving keeps its last good version
+            # until the snapshot this triggers arrives.
+            log.warning("Redis head is not version %d: the next version will carry a snapshot", m.base_version)
+            self._lost_base.set()
         sizes = {}
         for kind, payload in cut.payloads.items():
             data = encode(payload, rows=rows, compression=compression)  # only serving rows are lossy

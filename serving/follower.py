@@ -154,6 +154,10 @@ class VersionFollower:
         if current is not None and current.version == head:
             return
         snapshot = self.store.newest_snapshot(at_or_before=head)
+        if snapshot is None and current is not None and current.version < head:
+            # No snapshot (Redis flushed and refilled): deltas may still apply on what we hold.
+            self._catch_up(head)
+            return
         if snapshot is None:
             raise _Gap("gap", f"no snapshot at or before head {head}")
         if current is None or current.version < snapshot or current.version > head:

@@ -150,3 +150,35 @@ def test_retention_keeps_the_newest_snapshots_and_what_follows_them(redis_config
     assert all(h.store.manifest(v) is not None for v in range(6, 10))
     leftover = [k for k in h.store.redis.scan_iter(match=h.store.key("payload", "*", "[1-5]", "*"))]
     assert leftover == []
+
+
+def test_redis_flushed_serving_keeps_answering_and_new_nodes_recover_from_the_next_snapshot(redis_config):
+    """Redis loses everything (flush, restart empty). A running node keeps answering (deltas
+    still apply on the version it holds); the publisher notices the lost chain and publishes
+    a snapshot, from which a node started afterwards loads, with no restart of anything."""
+    h = Harness(redis_config, snapshot_every=1000, snapshot_delta_fraction=1000)
+    h.follower.start()
+    for _ in range(3):
+        h.train()
+        version = h.publish()
+    wait_until(lambda: serving_version(h) == version, "serving at head")
+    keys = list(h.store.redis.scan_iter(match=h.store.key("*")))
+    h.store.redis.delete(*keys)  # this model's whole state, as FLUSHALL would (on a shared Redis)
+    h.train()
+    lost = h.publish()  # a delta on a base only the running node still has
+    assert h.store.manifest(lost).snapshot is None
+    wait_until(lambda: serving_version(h) == lost, "the running node to apply it on the version it holds")
+    newcomer = VersionFollower(RedisVersionStore(redis_config), SCHEMA, CONFIG, block_ms=100)
+    newcomer.start()
+    try:
+        wait_until(lambda: newcomer.health.last_error is not None, "the new node to find no snapshot")
+        assert newcomer.current is None
+        h.train()
+        healed = h.publish()
+        assert h.store.manifest(healed).snapshot is not None  # the publisher noticed the lost chain
+        wait_until(lambda: newcomer.current is not None and newcomer.current.version == healed,
+                   "the new node to load the snapshot")
+        wait_until(lambda: serving_version(h) == healed, "the running node to follow")
+    finally:
+        newcomer.stop()
+        h.follower.stop()
