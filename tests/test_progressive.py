@@ -37,3 +37,41 @@ def test_log_loss_of_calibrated_constant():
     m.update(np.full(1000, 0.25), labels)
     expected = -(0.25 * np.log(0.25) + 0.75 * np.log(0.75))
     assert np.isclose(m.log_loss(), expected)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_time_window_forgets_what_was_scored_before_it():
+    clock = FakeClock()
+    m = RollingMetrics(window=10_000, time_window_s=60.0, clock=clock)
+    labels = (np.linspace(0, 1, 200) > 0.5).astype(float)
+    m.update(np.linspace(0.01, 0.99, 200), labels)  # perfect
+    clock.now += 30
+    assert m.time_auc() == 1.0 and m.time_window_count() == 200
+    m.update(np.linspace(0.99, 0.01, 200), labels)  # perfectly wrong
+    assert abs(m.time_auc() - 0.5) < 0.01 and m.time_window_count() == 400
+    clock.now += 45  # the first batch is now 75 s old, the second 45 s
+    assert m.time_auc() == 0.0 and m.time_window_count() == 200
+    assert abs(m.auc() - 0.5) < 0.01 and m.seen == 400  # the sample window still holds both
+    wrong = np.linspace(0.99, 0.01, 200)
+    expected = -np.mean(labels * np.log(wrong) + (1 - labels) * np.log(1 - wrong))
+    assert np.isclose(m.time_log_loss(), expected)  # the second batch's alone
+    clock.now += 100
+    assert np.isnan(m.time_auc()) and np.isnan(m.time_log_loss()) and m.time_window_count() == 0
+
+
+def test_time_window_auc_is_close_to_the_exact_auc():
+    rng = np.random.default_rng(0)
+    p = 1 / (1 + np.exp(-rng.normal(-1.5, 1.5, 20_000)))
+    y = (rng.random(20_000) < p).astype(float)
+    m = RollingMetrics(window=20_000, clock=lambda: 5.0)
+    for i in range(0, 20_000, 500):
+        m.update(p[i:i + 500], y[i:i + 500])
+    assert abs(m.time_auc() - roc_auc(p, y)) < 1e-3
+    assert np.isclose(m.time_log_loss(), m.log_loss())
