@@ -193,7 +193,8 @@ class ModelHolder:
         dense = build_model(self.schema, self.trainer_config)
         _load_dense(dense, _dense_state(dense, payload))
         front = _Buffer(tables, dense, manifest.version)
-        self._front, self._back, self._pending = front, None, []
+        # The second buffer now, not at the first delta: copying the tables then would stall requests.
+        self._front, self._back, self._pending = front, front.clone(), []
         return self._publish(manifest, front)
 
     def apply_delta(self, manifest: Manifest, payload: Payload) -> ServingModel:

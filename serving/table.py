@@ -141,6 +141,15 @@ def _rehash(old, new, keys):
         new[pos] = e
 
 
+@njit(cache=True, nogil=True)
+def _copy_rows(dst, src):
+    """dst[:len(src)] = src without holding the GIL (numpy's copy may hold it for a large array)."""
+    flat_dst = dst.reshape(-1)
+    flat_src = src.reshape(-1)
+    for i in range(flat_src.size):
+        flat_dst[i] = flat_src[i]
+
+
 def _buckets_for(n: int) -> int:
     return 1 << max(4, int(np.ceil(np.log2(max(n, 1) / _MAX_LOAD + 1))))
 
@@ -161,7 +170,8 @@ class RowTable:
     @classmethod
     def build(cls, keys: np.ndarray, values: np.ndarray, default_value: float) -> "RowTable":
         keys = _as_keys(keys)
-        table = cls(values.shape[1] if values.ndim == 2 else 0, default_value, capacity=len(keys))
+        # Headroom: new keys in the next deltas should not make the first of them regrow the table.
+        table = cls(values.shape[1] if values.ndim == 2 else 0, default_value, capacity=len(keys) * 5 // 4)
         table.upsert(keys, values)
         return table
 
@@ -206,10 +216,10 @@ class RowTable:
     def copy(self) -> "RowTable":
         other = RowTable.__new__(RowTable)
         other.dim, other.default_value = self.dim, self.default_value
-        other._buckets = self._buckets.copy()
-        other._keys = self._keys.copy()
-        other._values = self._values.copy()
-        other._free = self._free.copy()
+        other._buckets = _copy(self._buckets)
+        other._keys = _copy(self._keys)
+        other._values = _copy(self._values)
+        other._free = _copy(self._free)
         other._meta = self._meta.copy()
         return other
 
@@ -229,7 +239,15 @@ class RowTable:
 
 def _grown(array: np.ndarray, rows: int) -> np.ndarray:
     out = np.zeros((rows,) + array.shape[1:], dtype=array.dtype)
-    out[: array.shape[0]] = array
+    if array.size:
+        _copy_rows(out, array)
+    return out
+
+
+def _copy(array: np.ndarray) -> np.ndarray:
+    out = np.empty_like(array)
+    if array.size:
+        _copy_rows(out, array)
     return out
 
 

@@ -23,7 +23,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -228,23 +227,54 @@ class Versions:
             self.store.redis.delete(*keys[i:i + 1000])
 
 
-class DeltaWriter(threading.Thread):
-    """Publishes prepared deltas at a fixed interval until stopped."""
+class DeltaWriter:
+    """Publishes deltas at a fixed interval from a process of its own (so its GIL and CPU
+    time never delay the load generator's clock); the deltas are prepared before it starts."""
 
-    def __init__(self, versions: Versions, prepared: list, interval: float) -> None:
-        super().__init__(name="bench-deltas", daemon=True)
-        self.versions, self.prepared, self.interval = versions, prepared, interval
-        self.stop_event = threading.Event()
-        self.written: list[int] = []
+    def __init__(self, args: argparse.Namespace, redis_config, n_deltas: int) -> None:
+        import multiprocessing
 
-    def run(self) -> None:
-        next_at = time.monotonic()
-        for item in self.prepared:
-            if self.stop_event.wait(max(0.0, next_at - time.monotonic())):
-                return
-            self.versions.write_delta(item)
-            self.written.append(item[0])
-            next_at += self.interval
+        ctx = multiprocessing.get_context("spawn")
+        self.ready, self.go, self.stop_event = ctx.Event(), ctx.Event(), ctx.Event()
+        self.written = ctx.Value("i", 0)
+        self.process = ctx.Process(target=_write_deltas, daemon=True, args=(
+            vars(args), redis_config.model_dump_json(), n_deltas, self.ready, self.go, self.stop_event,
+            self.written))
+        self.process.start()
+
+    def wait_prepared(self, timeout_s: float = 600) -> None:
+        if not self.ready.wait(timeout_s):
+            raise RuntimeError("the delta writer did not prepare its deltas in time")
+
+    def start(self) -> None:
+        self.go.set()
+
+    def stop(self) -> int:
+        self.stop_event.set()
+        self.go.set()
+        self.process.join(60)
+        return self.written.value
+
+
+def _write_deltas(args: dict, redis_json: str, n: int, ready, go, stop, written) -> None:
+    from publisher.config import RedisConfig
+    from stream.schema import load_schema
+    from trainer.config import TrainerConfig
+
+    a = argparse.Namespace(**args)
+    versions = Versions(a, RedisConfig.model_validate_json(redis_json), load_schema("criteo"), TrainerConfig())
+    versions.version = 1  # the snapshot the parent wrote
+    prepared = [versions.prepare_delta() for _ in range(n)]
+    ready.set()
+    go.wait()
+    next_at = time.monotonic()
+    for item in prepared:
+        if stop.wait(max(0.0, next_at - time.monotonic())):
+            return
+        versions.write_delta(item)
+        with written.get_lock():
+            written.value += 1
+        next_at += a.delta_interval
 
 
 # ---- load ---------------------------------------------------------------------------
@@ -413,8 +443,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"writing a snapshot of {versions.per_table * len(schema.tables):,} rows to Redis ...", flush=True)
     versions.write_snapshot()
     n_deltas = int((args.warmup + args.duration) / args.delta_interval) + 3
-    print(f"preparing {n_deltas} deltas of {args.delta_rows:,} rows ...", flush=True)
-    prepared = [versions.prepare_delta() for _ in range(n_deltas)]
+    print(f"preparing {n_deltas} deltas of {args.delta_rows:,} rows (in the delta writer's process) ...", flush=True)
+    writer = DeltaWriter(args, redis_config, n_deltas)
     bodies = versions.requests(64 if args.quick else 256)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                                        os.environ.get("PYTHONPATH")]))}
@@ -429,8 +459,10 @@ def run(args: argparse.Namespace) -> int:
             stdout=(workdir / "naive.log").open("wb"), stderr=subprocess.STDOUT))
         for port, p in zip((fresh_port, naive_port), processes):
             _wait_ready(port, p)
-        results = asyncio.run(_measure(args, levels, fresh_port, naive_port, bodies, versions, prepared))
+        writer.wait_prepared()
+        results = asyncio.run(_measure(args, levels, fresh_port, naive_port, bodies, writer))
     finally:
+        writer.stop()
         for p in processes:
             p.terminate()
         for p in processes:
@@ -444,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _measure(args, levels, fresh_port, naive_port, bodies, versions, prepared) -> dict:
+async def _measure(args, levels, fresh_port, naive_port, bodies, writer: DeltaWriter) -> dict:
     fresh_req, naive_req = http_requests(bodies, fresh_port), http_requests(bodies, naive_port)
     out: dict = {"closed": {}, "config": {k: getattr(args, k) for k in (
         "rows", "delta_rows", "delta_interval", "candidates", "candidate_features", "duration", "quick")}}
@@ -461,16 +493,14 @@ async def _measure(args, levels, fresh_port, naive_port, bodies, versions, prepa
     out["paced_idle"] = await open_loop(fresh_port, fresh_req, half, conns, args.warmup, args.duration)
     out["naive_paced"] = await open_loop(naive_port, naive_req, naive_peak / 2, conns, args.warmup, args.duration)
     before = _model_version(fresh_port)
-    writer = DeltaWriter(versions, prepared, args.delta_interval)
     print(f"open loop at {half:.0f} req/s while a delta of {args.delta_rows:,} rows lands every "
           f"{args.delta_interval}s ...", flush=True)
     writer.start()
     out["paced_deltas"] = await open_loop(fresh_port, fresh_req, half, conns, args.warmup, args.duration)
-    writer.stop_event.set()
-    writer.join()
+    published = writer.stop()
     await asyncio.sleep(min(3.0, 2 * args.delta_interval))
     after = _model_version(fresh_port)
-    out["deltas"] = {"published": len(writer.written), "served_before": before, "served_after": after,
+    out["deltas"] = {"published": published, "served_before": before, "served_after": after,
                      "applied": (after or 0) - (before or 0)}
     out["peak_qps"] = {"freshrec": peak, "naive": naive_peak}
     return out
