@@ -61,6 +61,8 @@ class SampleCodec:
         self.max_message_bytes = max_message_bytes
         self._dense = [(f.name, f.transform is DenseTransform.LOG1P, f.default) for f in schema.dense]
         self._sparse = [(f.name, f.id_type == "string", f.multi, f.max_ids) for f in schema.sparse]
+        self._known = None if schema.unknown_fields == "ignore" else frozenset(
+            [schema.label, schema.event_time, *schema.dense_names, *schema.sparse_names])
 
     def decode(self, raw: bytes) -> Sample:
         if len(raw) > self.max_message_bytes:
@@ -75,6 +77,9 @@ class SampleCodec:
 
     def from_dict(self, obj: dict) -> Sample:
         s = self.schema
+        if self._known is not None and not self._known.issuperset(obj):
+            unknown = sorted(str(k) for k in obj if k not in self._known)
+            raise InvalidSample("unknown_field", ", ".join(unknown)[:200])
         label = obj.get(s.label)
         if label is None:
             raise InvalidSample("missing_label", s.label)
@@ -241,6 +246,8 @@ class _BatchDecoder:
                                 errors)
         cols = self._columns(objs)
         suspect = np.zeros(n, dtype=bool)
+        if codec._known is not None:  # unknown fields (zip gave tuples: every row has every field)
+            self._mark_unknown(objs, suspect, all_present=type(cols[0]) is tuple)
 
         labels = self._ints(cols[0], suspect)
         suspect |= (labels != 0) & (labels != 1)
@@ -305,6 +312,19 @@ class _BatchDecoder:
             return list(zip(*map(self.getter, objs)))
         except KeyError:  # some message lacks a field (absent features are allowed)
             return [[o.get(name) for o in objs] for name in self.names]
+
+    def _mark_unknown(self, objs: list[dict], suspect: np.ndarray, all_present: bool) -> None:
+        """Rows with a field the schema does not name. When every row has every named field
+        (the fast path's columns), a row has an unknown one exactly when it has more fields."""
+        width = len(self.names)
+        lengths = np.fromiter(map(len, objs), dtype=np.int64, count=len(objs))
+        if all_present:
+            suspect |= lengths > width
+            return
+        known = self.codec._known
+        for r in np.flatnonzero(lengths > 0).tolist():
+            if not known.issuperset(objs[r]):
+                suspect[r] = True
 
     @staticmethod
     def _clean(col: Sequence, suspect: np.ndarray, allowed: set, placeholder: object) -> Sequence:

@@ -65,6 +65,9 @@ class FeatureSchema(BaseModel):
     dense: tuple[DenseFeature, ...] = ()
     sparse: tuple[SparseFeature, ...] = ()
     tables: tuple[TableSpec, ...] = ()
+    # A sample field the schema does not name: "reject" dead-letters the message (reason
+    # unknown_field: a producer sending what nobody reads is a bug to surface), "ignore" drops it.
+    unknown_fields: Literal["reject", "ignore"] = "reject"
 
     @model_validator(mode="after")
     def _check(self) -> "FeatureSchema":
