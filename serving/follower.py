@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import redis
-import xxhash
 
-from publisher.manifest import PayloadRef
 from publisher.payload import Kind, PayloadError, decode
 from publisher.redis_store import RedisVersionStore
 from serving.model import ModelHolder, ServingModel
@@ -26,10 +24,6 @@ from stream.schema import FeatureSchema
 from trainer.config import TrainerConfig
 
 log = logging.getLogger(__name__)
-
-# Payloads are read in slices of this size: each reply is parsed in one C call that holds
-# the GIL, so one 8 MB reply would stall requests for ~10 ms; 256 kB slices keep it short.
-READ_SLICE_BYTES = 256 * 1024
 
 # (kind: "delta" | "snapshot", seconds, rows applied)
 ApplyObserver = Callable[[str, float, int], None]
@@ -179,7 +173,7 @@ class VersionFollower:
         assert holder.current is not None
         if manifest.delta is not None and manifest.base_version == holder.current.version:
             started = time.perf_counter()
-            payload = decode(read_payload(self.store, Kind.DELTA, version, manifest.delta))
+            payload = decode(self.store.read_payload(Kind.DELTA, version, manifest.delta))
             holder.apply_delta(manifest, payload)
             self._applied("delta", started, manifest.rows_changed + manifest.tombstones)
         elif manifest.snapshot is not None:
@@ -193,7 +187,7 @@ class VersionFollower:
         if manifest is None or manifest.snapshot is None:
             raise _Gap("gap", f"snapshot {version} is not in Redis")
         started = time.perf_counter()
-        payload = decode(read_payload(self.store, Kind.SNAPSHOT, version, manifest.snapshot))
+        payload = decode(self.store.read_payload(Kind.SNAPSHOT, version, manifest.snapshot))
         holder.load_snapshot(manifest, payload)
         self._applied("snapshot", started, sum(manifest.live_rows.values()))
 
@@ -274,39 +268,6 @@ class VersionFollower:
         except _Gap as e:
             raise NotRetained(f"version {version} cannot be rebuilt: {e}") from None
         return holder
-
-
-def read_payload(store: RedisVersionStore, kind: Kind, version: int, ref: PayloadRef,
-                 slice_bytes: int = READ_SLICE_BYTES) -> bytearray:
-    """The payload's chunks, read in slices (pipelined) and checked against the manifest,
-    like RedisVersionStore.read_payload but without one long GIL hold per chunk."""
-    keys = [store.key("payload", kind.name.lower(), version, i) for i in range(ref.chunks)]
-    pipe = store.redis.pipeline(transaction=False)
-    for key in keys:
-        pipe.strlen(key)
-    sizes = pipe.execute()
-    if any(s == 0 for s in sizes) and ref.bytes > 0:
-        raise PayloadError(f"{kind.name.lower()} of version {version} is missing chunks")
-    if sum(sizes) != ref.bytes:
-        raise PayloadError(f"{kind.name.lower()} of version {version} does not match its manifest")
-    data = bytearray(ref.bytes)
-    view = memoryview(data)
-    digest = xxhash.xxh3_64()
-    pos = 0
-    pipe = store.redis.pipeline(transaction=False)
-    for key, size in zip(keys, sizes):
-        for start in range(0, size, slice_bytes):
-            pipe.getrange(key, start, min(start + slice_bytes, size) - 1)
-    for part in pipe.execute():
-        end = pos + len(part)
-        if end > ref.bytes:
-            raise PayloadError(f"{kind.name.lower()} of version {version} does not match its manifest")
-        view[pos:end] = part
-        digest.update(part)
-        pos = end
-    if pos != ref.bytes or digest.intdigest() != ref.checksum:
-        raise PayloadError(f"{kind.name.lower()} of version {version} does not match its manifest")
-    return data
 
 
 class _Gap(Exception):
