@@ -6,6 +6,7 @@ are for people, not for correctness: the metrics endpoint is the machine interfa
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -17,6 +18,8 @@ from publisher.publisher import Publisher
 from trainer.learner import OnlineLearner
 from trainer.loop import Position
 from trainer.source import KafkaSampleSource
+
+log = logging.getLogger(__name__)
 
 
 class StatusBoard:
@@ -52,6 +55,12 @@ class TrainerStatusHook:
         if self._last:
             self._rate = (learner.samples_seen - self._last_samples) / (now - self._last)
         self._last, self._last_samples = now, learner.samples_seen
+        try:
+            self._put(learner, position)
+        except redis.RedisError as e:  # status is for people: Redis away must not stop training
+            log.warning("trainer status not written (%s)", e)
+
+    def _put(self, learner: OnlineLearner, position: Position) -> None:
         self.board.put("trainer", {
             "samples": learner.samples_seen,
             "steps": learner.global_step,
