@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from trainer.batch import build_batch
 from trainer.learner import OnlineLearner
 from trainer.source import KafkaSampleSource
 
@@ -58,13 +57,11 @@ class TrainingLoop:
     def step_once(self) -> None:
         micro = self.source.next_batch()
         if micro is not None:
-            if micro.samples:
-                batch = build_batch(
-                    self.learner.schema, [s.features for s in micro.samples], [s.label for s in micro.samples]
-                )
+            batch = micro.batch  # built off the training thread; None if every message was dead-lettered
+            if batch is not None:
                 self.learner.learn(batch)
-                self.position.watermark = max(self.position.watermark, max(s.event_time for s in micro.samples))
-                self.position.newest_produced_ms = max(self.position.newest_produced_ms, max(micro.produced_ms))
+                self.position.watermark = max(self.position.watermark, micro.watermark)
+                self.position.newest_produced_ms = max(self.position.newest_produced_ms, micro.newest_produced_ms)
             self.position.offsets = micro.next_offsets
         self.source.flush()
         for hook in self.hooks:
