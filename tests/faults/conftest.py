@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +87,7 @@ class RedisServer:
         return RedisConfig(**{"url": self.url, "prefix": "fault", "model": "m", **options})
 
     def client(self, **options) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **options)
+        return redis.Redis(**{"host": "127.0.0.1", "port": self.port, "socket_timeout": 5, **options})
 
     def start(self, from_dump: bool = False, ready=None) -> None:
         """Start on the same port. Without `from_dump` any previous dump is removed: empty."""
@@ -280,3 +281,86 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if {"private_redis", "private_stack"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+
+
+class Load:
+    """Closed-loop /predict requests from a thread, on loopback, bounded by `stop()` and by
+    `max_requests`; every answer (status, version) or connection error is recorded with its time."""
+
+    def __init__(self, port: int, body: dict, pause_s: float = 0.02, max_requests: int = 20_000) -> None:
+        import threading
+
+        self.url = f"http://127.0.0.1:{port}/predict"
+        self.body = body
+        self.pause_s = pause_s
+        self.max_requests = max_requests
+        self.results: list[tuple[float, int | None, int | None]] = []  # (monotonic, status, version)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=10) as http:
+            while not self._stop.is_set() and len(self.results) < self.max_requests:
+                try:
+                    r = http.post(self.url, json=self.body)
+                    version = r.json().get("version") if r.status_code == 200 else None
+                    self.results.append((time.monotonic(), r.status_code, version))
+                except httpx.HTTPError:
+                    self.results.append((time.monotonic(), None, None))
+                self._stop.wait(self.pause_s)
+
+    def __enter__(self) -> "Load":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def statuses(self, start: float = 0.0, end: float = float("inf")) -> Counter:
+        return Counter(s for t, s, _ in self.results if start <= t <= end)
+
+
+class Producer:
+    """Criteo-like samples into the samples topic from a thread, in chunks, until stopped or
+    `limit` samples; `total` counts what the broker acknowledged."""
+
+    def __init__(self, kafka: KafkaConfig, chunk: int = 300, every_s: float = 0.3, limit: int = 200_000,
+                 seed: int = 1) -> None:
+        import random
+        import threading
+
+        self.kafka, self.chunk, self.every_s, self.limit = kafka, chunk, every_s, limit
+        self.rng = random.Random(seed)
+        self.total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import orjson
+        from kafka import KafkaProducer
+
+        from tests.test_end_to_end import criteo_like
+
+        producer = KafkaProducer(acks="all", linger_ms=5, **self.kafka.client_kwargs())
+        try:
+            while not self._stop.is_set() and self.total < self.limit:
+                for s in criteo_like(self.rng, self.chunk):
+                    producer.send(self.kafka.samples_topic, orjson.dumps(s))
+                producer.flush()  # acknowledged: from here on it must not be lost
+                self.total += self.chunk
+                self._stop.wait(self.every_s)
+        finally:
+            producer.close()
+
+    def __enter__(self) -> "Producer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(60)
+        return self.total
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
