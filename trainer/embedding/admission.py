@@ -23,12 +23,23 @@ from trainer.embedding.keyindex import KeyIndex, claim, hash64, probe, release
 _SALT = np.int64(0x5BD1E9955BD1E995)
 
 
+NONE, EXACT, BLOOM = 0, 1, 2
+_NO_COUNTER = (np.full(16, -1, np.int64), np.zeros(16, np.int64), np.zeros(16, np.int64), np.zeros(3, np.int64),
+               np.zeros(16, np.int32), np.zeros(16, np.uint32))
+_NO_BLOOM = np.zeros(1, np.uint8)
+
+
 class Admission:
     """Every key is admitted at first sight (filter_freq <= 1)."""
 
     def observe(self, keys: np.ndarray, counts: np.ndarray, step: int) -> np.ndarray:
         """Counts sightings of keys that have no row; True where a key is now admitted."""
         return np.ones(keys.size, dtype=np.bool_)
+
+    def kernel_args(self, n: int) -> tuple:
+        """Arguments of `observe_one` for a fused lookup kernel, with room for n new counters:
+        (kind, table, slot_key, free, meta, counts, last_seen, bloom counters, hashes, freq)."""
+        return (NONE, *_NO_COUNTER, _NO_BLOOM, 0, 0)
 
     def forget_stale(self, step: int, steps_to_live: int) -> None:
         """Drops counters of keys not seen for steps_to_live steps (no-op if not tracked)."""
@@ -44,25 +55,31 @@ class Admission:
         return 0
 
 
+@njit(cache=True, inline="always")
+def count_one(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.ndarray, counts: np.ndarray,
+              last_seen: np.ndarray, key: np.int64, add: np.int64, step: np.int64, freq: np.int64) -> bool:
+    """Finds or creates the key's counter, adds, and drops it once admitted (the row takes
+    over; a key evicted later has to earn admission again). True when admitted."""
+    pos, slot = probe(table, slot_key, key)
+    total = add + (np.int64(counts[slot]) if slot >= 0 else np.int64(0))
+    if total >= freq:
+        if slot >= 0:
+            counts[slot] = 0  # marks the slot free for _stale
+            release(table, slot_key, free, meta, pos, slot)
+        return True
+    if slot < 0:
+        slot = claim(table, slot_key, free, meta, key, pos)
+    counts[slot] = total
+    last_seen[slot] = np.uint32(step & 0xFFFFFFFF)
+    return False
+
+
 @njit(cache=True)
 def _count(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.ndarray, counts: np.ndarray,
            last_seen: np.ndarray, keys: np.ndarray, adds: np.ndarray, step: np.int64, freq: np.int64,
            admitted: np.ndarray) -> None:
-    """One pass per key: find or create its counter, add, and drop it once admitted (the row
-    takes over; a key evicted later has to earn admission again)."""
     for i in range(keys.size):
-        pos, slot = probe(table, slot_key, keys[i])
-        total = adds[i] + (counts[slot] if slot >= 0 else 0)
-        admitted[i] = total >= freq
-        if admitted[i]:
-            if slot >= 0:
-                counts[slot] = 0  # marks the slot free for _stale
-                release(table, slot_key, free, meta, pos, slot)
-        else:
-            if slot < 0:
-                slot = claim(table, slot_key, free, meta, keys[i], pos)
-            counts[slot] = total
-            last_seen[slot] = np.uint32(step & 0xFFFFFFFF)
+        admitted[i] = count_one(table, slot_key, free, meta, counts, last_seen, keys[i], adds[i], step, freq)
 
 
 @njit(cache=True)
@@ -83,6 +100,11 @@ class ExactAdmission(Admission):
         self._index = KeyIndex(1024)
         self._counts = np.zeros(self._index.slot_capacity, dtype=np.int32)  # < filter_freq
         self._last_seen = np.zeros(self._index.slot_capacity, dtype=np.uint32)  # step mod 2^32
+
+    def kernel_args(self, n: int) -> tuple:
+        table, slot_key, free, meta = self._index.arrays(n)
+        self._fit()
+        return (EXACT, table, slot_key, free, meta, self._counts, self._last_seen, _NO_BLOOM, 0, self._freq)
 
     def observe(self, keys: np.ndarray, counts: np.ndarray, step: int) -> np.ndarray:
         table, slot_key, free, meta = self._index.arrays(keys.size)
@@ -120,25 +142,30 @@ class ExactAdmission(Admission):
             self._last_seen = np.resize(self._last_seen, rows)
 
 
+@njit(cache=True, inline="always")
+def bloom_one(counters: np.ndarray, n_hashes: np.int64, cap: np.int64, key: np.int64, add: np.int64) -> bool:
+    """Conservative update: raise only the counters below the new estimate, which keeps
+    estimates of colliding keys lower than plain increments would. True when admitted."""
+    m = np.uint64(counters.size)
+    h1 = hash64(key)
+    h2 = hash64(key ^ _SALT) | np.uint64(1)
+    estimate = cap
+    for k in range(n_hashes):
+        c = np.int64(counters[(h1 + np.uint64(k) * h2) % m])
+        estimate = min(estimate, c)
+    estimate = min(estimate + add, cap)
+    for k in range(n_hashes):
+        pos = (h1 + np.uint64(k) * h2) % m
+        if counters[pos] < estimate:
+            counters[pos] = estimate
+    return estimate >= cap
+
+
 @njit(cache=True)
 def _bloom_observe(counters: np.ndarray, n_hashes: np.int64, cap: np.int64, keys: np.ndarray,
                    counts: np.ndarray, admitted: np.ndarray) -> None:
-    """Conservative update: raise only the counters below the new estimate, which keeps
-    estimates of colliding keys lower than plain increments would."""
-    m = np.uint64(counters.size)
     for i in range(keys.size):
-        h1 = hash64(keys[i])
-        h2 = hash64(keys[i] ^ _SALT) | np.uint64(1)
-        estimate = cap
-        for k in range(n_hashes):
-            c = np.int64(counters[(h1 + np.uint64(k) * h2) % m])
-            estimate = min(estimate, c)
-        estimate = min(estimate + counts[i], cap)
-        for k in range(n_hashes):
-            pos = (h1 + np.uint64(k) * h2) % m
-            if counters[pos] < estimate:
-                counters[pos] = estimate
-        admitted[i] = estimate >= cap
+        admitted[i] = bloom_one(counters, n_hashes, cap, keys[i], counts[i])
 
 
 class BloomAdmission(Admission):
@@ -148,6 +175,9 @@ class BloomAdmission(Admission):
         self._n_hashes = max(1, round(size / capacity * math.log(2)))
         dtype = np.uint8 if filter_freq <= 0xFF else np.uint16 if filter_freq <= 0xFFFF else np.uint32
         self._counters = np.zeros(size, dtype=dtype)
+
+    def kernel_args(self, n: int) -> tuple:
+        return (BLOOM, *_NO_COUNTER, self._counters, self._n_hashes, self._freq)
 
     def observe(self, keys: np.ndarray, counts: np.ndarray, step: int) -> np.ndarray:
         admitted = np.empty(keys.size, dtype=np.bool_)
@@ -173,3 +203,15 @@ def make_admission(config: AdmissionConfig) -> Admission:
     if config.kind == "bloom":
         return BloomAdmission(config.filter_freq, config.bloom_capacity, config.bloom_fp_rate)
     return ExactAdmission(config.filter_freq)
+
+
+@njit(cache=True, inline="always")
+def observe_one(kind: np.int64, table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.ndarray,
+                counts: np.ndarray, last_seen: np.ndarray, bloom: np.ndarray, n_hashes: np.int64, freq: np.int64,
+                key: np.int64, add: np.int64, step: np.int64) -> bool:
+    """One key's sightings, whichever the admission kind (`kernel_args` gives the arguments)."""
+    if kind == EXACT:
+        return count_one(table, slot_key, free, meta, counts, last_seen, key, add, step, freq)
+    if kind == BLOOM:
+        return bloom_one(bloom, n_hashes, freq, key, add)
+    return True

@@ -12,6 +12,22 @@ import numpy as np
 from numba import njit
 
 from trainer.embedding.keyindex import hash64
+from trainer.embedding.prefetch import prefetch, prefetch_end
+
+
+@njit(cache=True, inline="always")
+def prefetch_rows(slots: np.ndarray, values: np.ndarray, state: np.ndarray, last_step: np.ndarray,
+                  stamps: np.ndarray) -> None:
+    """Requests every line an update of rows `slots` touches before touching any."""
+    for i in range(slots.size):
+        s = slots[i]
+        if s >= 0:
+            prefetch(values, s)
+            prefetch_end(values, s)
+            prefetch(state, s)
+            prefetch_end(state, s)
+            prefetch(last_step, s)
+            prefetch(stamps, s)
 
 _TWO_PI = np.float32(2.0 * np.pi)
 _INV_2_24 = np.float32(1.0 / 16777216.0)
@@ -34,15 +50,19 @@ def init_rows(keys: np.ndarray, rows: np.ndarray, seed: np.int64, std: np.float3
     normals (cos and sin): row creation is a hot path under id churn. Key i's row is
     written to out[rows[i]], straight into the table."""
     seed_hash = hash64(seed)
-    dim = out.shape[1]
     for i in range(keys.size):
-        r = rows[i]
-        for j in range(0, dim, 2):
-            radius = std * np.sqrt(np.float32(-2.0) * np.log(_uniform(seed_hash, keys[i], j)))
-            angle = _TWO_PI * _uniform(seed_hash, keys[i], j + 1)
-            out[r, j] = radius * np.cos(angle)
-            if j + 1 < dim:
-                out[r, j + 1] = radius * np.sin(angle)
+        init_row(seed_hash, keys[i], std, out, rows[i])
+
+
+@njit(cache=True, inline="always")
+def init_row(seed_hash: np.uint64, key: np.int64, std: np.float32, out: np.ndarray, r: np.int64) -> None:
+    dim = out.shape[1]
+    for j in range(0, dim, 2):
+        radius = std * np.sqrt(np.float32(-2.0) * np.log(_uniform(seed_hash, key, j)))
+        angle = _TWO_PI * _uniform(seed_hash, key, j + 1)
+        out[r, j] = radius * np.cos(angle)
+        if j + 1 < dim:
+            out[r, j + 1] = radius * np.sin(angle)
 
 
 @njit(cache=True)
@@ -92,21 +112,29 @@ def elapsed_steps(step: np.int64, last: np.uint32) -> np.int64:
 
 
 @njit(cache=True)
-def sgd(slots: np.ndarray, grads: np.ndarray, values: np.ndarray, lr: np.float32) -> None:
+def sgd(slots: np.ndarray, grads: np.ndarray, values: np.ndarray, lr: np.float32,
+        last_step: np.ndarray, stamps: np.ndarray, step_low: np.uint32, stamp: np.int64) -> None:
+    prefetch_rows(slots, values, values, last_step, stamps)
     for i in range(slots.size):
         s = slots[i]
         if s >= 0:
+            last_step[s] = step_low
+            stamps[s] = stamp
             for j in range(values.shape[1]):
                 values[s, j] -= lr * grads[i, j]
 
 
 @njit(cache=True)
 def adagrad(slots: np.ndarray, grads: np.ndarray, values: np.ndarray, accum: np.ndarray,
-            lr: np.float32, eps: np.float32) -> None:
+            lr: np.float32, eps: np.float32,
+            last_step: np.ndarray, stamps: np.ndarray, step_low: np.uint32, stamp: np.int64) -> None:
     """torch.optim.Adagrad: sum += g^2; w -= lr * g / (sqrt(sum) + eps)."""
+    prefetch_rows(slots, values, accum, last_step, stamps)
     for i in range(slots.size):
         s = slots[i]
         if s >= 0:
+            last_step[s] = step_low
+            stamps[s] = stamp
             for j in range(values.shape[1]):
                 g = grads[i, j]
                 a = accum[s, j] + g * g
@@ -116,12 +144,16 @@ def adagrad(slots: np.ndarray, grads: np.ndarray, values: np.ndarray, accum: np.
 
 @njit(cache=True)
 def rowwise_adagrad(slots: np.ndarray, grads: np.ndarray, values: np.ndarray, accum: np.ndarray,
-                    lr: np.float32, eps: np.float32) -> None:
+                    lr: np.float32, eps: np.float32,
+                    last_step: np.ndarray, stamps: np.ndarray, step_low: np.uint32, stamp: np.int64) -> None:
     """FBGEMM's exact row-wise Adagrad: one accumulator per row, fed the mean of g^2."""
+    prefetch_rows(slots, values, accum, last_step, stamps)
     dim = values.shape[1]
     for i in range(slots.size):
         s = slots[i]
         if s >= 0:
+            last_step[s] = step_low
+            stamps[s] = stamp
             sq = np.float32(0.0)
             for j in range(dim):
                 sq += grads[i, j] * grads[i, j]
@@ -135,16 +167,20 @@ def rowwise_adagrad(slots: np.ndarray, grads: np.ndarray, values: np.ndarray, ac
 @njit(cache=True)
 def adagrad_decay(slots: np.ndarray, grads: np.ndarray, values: np.ndarray, accum: np.ndarray,
                   power: np.ndarray, step: np.int64, lr: np.float32, eps: np.float32,
-                  decay_rate: np.float32, decay_step: np.int64, baseline: np.float32) -> None:
+                  decay_rate: np.float32, decay_step: np.int64, baseline: np.float32,
+                  last_step: np.ndarray, stamps: np.ndarray, step_low: np.uint32, stamp: np.int64) -> None:
     """DeepRec's AdagradDecay (KvSparseApplyAdagradDecay): while step // decay_step is ahead
     of the row's decay count, each update of the row first decays its accumulator once
     (times decay_rate, floored at baseline), so old evidence fades and a long-lived row
     keeps learning. eps (DeepRec has none) only guards an all-zero accumulator."""
+    prefetch_rows(slots, values, accum, last_step, stamps)
     target = step // decay_step
     for i in range(slots.size):
         s = slots[i]
         if s < 0:
             continue
+        last_step[s] = step_low
+        stamps[s] = stamp
         if target > power[s]:
             power[s] += 1
             for j in range(values.shape[1]):
@@ -159,13 +195,18 @@ def adagrad_decay(slots: np.ndarray, grads: np.ndarray, values: np.ndarray, accu
 @njit(cache=True)
 def lazy_adam(slots: np.ndarray, grads: np.ndarray, values: np.ndarray, m: np.ndarray,
               v: np.ndarray, beta1: np.float32, beta2: np.float32, step_size: np.float32,
-              eps: np.float32) -> None:
+              eps: np.float32,
+              last_step: np.ndarray, stamps: np.ndarray, step_low: np.uint32, stamp: np.int64) -> None:
     """torch.optim.SparseAdam: moments of the rows in the batch only; the bias correction
     (in step_size) uses the table's global step count, as torch, TF and DeepRec do."""
+    prefetch_rows(slots, values, m, last_step, stamps)
+    prefetch_rows(slots, v, v, last_step, stamps)
     one = np.float32(1.0)
     for i in range(slots.size):
         s = slots[i]
         if s >= 0:
+            last_step[s] = step_low
+            stamps[s] = stamp
             for j in range(values.shape[1]):
                 g = grads[i, j]
                 mj = m[s, j] + (g - m[s, j]) * (one - beta1)

@@ -44,21 +44,24 @@ class SparseOptimizer:
                 array[slots] = 0
 
     def update(self, values: np.ndarray, state: dict[str, np.ndarray], slots: np.ndarray,
-               grads: np.ndarray, step: int) -> None:
+               grads: np.ndarray, step: int, last_step: np.ndarray, stamps: np.ndarray, stamp: int) -> None:
+        """Updates rows `slots` (< 0: skipped) and, in the same pass, records the update:
+        last_step[s] = step mod 2^32 and stamps[s] = stamp (one visit per row, not two)."""
         self.step_count += 1
         c, lr, eps = self.config, self._lr, self._eps
+        touch = (last_step, stamps, np.uint32(step & 0xFFFFFFFF), stamp)
         if c.kind == "sgd":
-            kernels.sgd(slots, grads, values, lr)
+            kernels.sgd(slots, grads, values, lr, *touch)
         elif c.kind == "adagrad":
-            kernels.adagrad(slots, grads, values, state["accum"], lr, eps)
+            kernels.adagrad(slots, grads, values, state["accum"], lr, eps, *touch)
         elif c.kind == "rowwise_adagrad":
-            kernels.rowwise_adagrad(slots, grads, values, state["accum"], lr, eps)
+            kernels.rowwise_adagrad(slots, grads, values, state["accum"], lr, eps, *touch)
         elif c.kind == "adagrad_decay":
             kernels.adagrad_decay(slots, grads, values, state["accum"], state["decay_power"], step, lr,
                                   eps, np.float32(c.accumulator_decay_rate), c.accumulator_decay_step,
-                                  np.float32(c.accumulator_baseline))
+                                  np.float32(c.accumulator_baseline), *touch)
         else:
             t = self.step_count
             step_size = c.lr * math.sqrt(1 - c.beta2**t) / (1 - c.beta1**t)
             kernels.lazy_adam(slots, grads, values, state["m"], state["v"], np.float32(c.beta1),
-                              np.float32(c.beta2), np.float32(step_size), eps)
+                              np.float32(c.beta2), np.float32(step_size), eps, *touch)

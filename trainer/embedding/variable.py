@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from trainer.embedding import kernels
+from trainer.embedding import fused, kernels
 from trainer.embedding.admission import make_admission
 from trainer.embedding.config import EmbeddingVariableConfig
 from trainer.embedding.keyindex import KeyIndex, as_keys, grown
@@ -114,14 +114,20 @@ class EmbeddingVariable:
         Returns a fresh float32 tensor; unadmitted keys read the default value."""
         given = keys
         keys = as_keys(keys)
-        slots = self._index.get(keys)
-        absent = np.flatnonzero(slots < 0)
-        if absent.size:
-            seen = np.ones(absent.size, np.int64) if counts is None else np.asarray(counts, np.int64)[absent]
-            admitted = absent[self._admission.observe(keys[absent], seen, self._step)]
-            slots[admitted] = self._create(keys[admitted])
+        n = keys.size
+        adds = np.ones(n, np.int64) if counts is None else np.ascontiguousarray(counts, np.int64).reshape(-1)
+        index = self._index.arrays(n)
+        self._fit_rows()
+        slots = np.empty(n, dtype=np.int64)
+        new_slots = np.empty(n, dtype=np.int64)
+        out = np.empty((n, self.dim), dtype=np.float32)
+        n_new = fused.train_lookup(*index, *self._admission.kernel_args(n), keys, adds, self._step,
+                                   self.config.seed, np.float32(self.config.init_std), self._clock, self._default,
+                                   self._values, self._last_step, self._stamps, slots, new_slots, out)
+        if n_new:
+            self._optimizer.init_rows(self._state, new_slots[:n_new])
         self._lookup_cache = (given, slots)
-        return self._gather(slots)
+        return torch.from_numpy(out)
 
     @_locked
     def apply_gradients(self, keys: np.ndarray, grads: torch.Tensor | np.ndarray, step: int) -> None:
@@ -141,8 +147,8 @@ class EmbeddingVariable:
         self._step = max(self._step, step)
         if slots is None:
             slots = self._index.get(keys)
-        self._optimizer.update(self._values, self._state, slots, grads, step)
-        kernels.touch(slots, step, self._clock, self._last_step, self._stamps)
+        self._optimizer.update(self._values, self._state, slots, grads, step, self._last_step, self._stamps,
+                               self._clock)
 
     @_locked
     def lookup(self, keys: np.ndarray) -> torch.Tensor:
@@ -170,14 +176,6 @@ class EmbeddingVariable:
         out = np.empty((slots.size, self.dim), dtype=np.float32)
         kernels.gather(self._values, slots, self._default, out)
         return torch.from_numpy(out)
-
-    def _create(self, keys: np.ndarray) -> np.ndarray:
-        slots = self._index.put(keys)
-        self._fit_rows()
-        kernels.init_rows(keys, slots, self.config.seed, np.float32(self.config.init_std), self._values)
-        self._optimizer.init_rows(self._state, slots)
-        kernels.touch(slots, self._step, self._clock, self._last_step, self._stamps)
-        return slots
 
     def _fit_rows(self) -> None:
         """Row arrays follow the index's slot capacity (it owns the growth policy)."""

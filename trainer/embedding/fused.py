@@ -1,0 +1,86 @@
+"""The training lookup of an Embedding Variable as one pass over the batch's keys.
+
+Per key: one probe of the table's index; if absent, the admission count (its own probe) and,
+once admitted, the claim of a slot in the bucket the first probe found, the seeded initial
+row and its bookkeeping; then the row (or the default value) is copied out. Done as separate
+vectorised steps this probed admitted keys three times and walked the keys five times, with
+a dozen numpy temporaries and numba calls per table and step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from trainer.embedding.admission import observe_one
+from trainer.embedding.kernels import init_row
+from trainer.embedding.keyindex import _SLOT_BITS, _SLOT_MASK, _TAG_SHIFT, claim, hash64, probe
+from trainer.embedding.prefetch import prefetch, prefetch_end
+
+
+@njit(cache=True, inline="always")
+def _candidate(table: np.ndarray, key: np.int64) -> np.int64:
+    """The slot of the first entry on key's chain whose tag matches (almost surely the key's
+    slot: tags are 23 bits), or -1; reads only the probe table, never slot_key."""
+    mask = np.int64(table.size - 1)
+    h = hash64(key)
+    tag = np.int64(h >> _TAG_SHIFT) << _SLOT_BITS
+    pos = np.int64(h & np.uint64(mask))
+    while True:
+        entry = table[pos]
+        if entry < 0:
+            return np.int64(-1)
+        if (entry & ~_SLOT_MASK) == tag:
+            return entry & _SLOT_MASK
+        pos = (pos + 1) & mask
+
+
+@njit(cache=True)
+def train_lookup(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.ndarray,
+                 a_kind: np.int64, a_table: np.ndarray, a_slot_key: np.ndarray, a_free: np.ndarray,
+                 a_meta: np.ndarray, a_counts: np.ndarray, a_last_seen: np.ndarray, bloom: np.ndarray,
+                 n_hashes: np.int64, freq: np.int64,
+                 keys: np.ndarray, adds: np.ndarray, step: np.int64, seed: np.int64, std: np.float32,
+                 stamp: np.int64, default: np.float32,
+                 values: np.ndarray, last_step: np.ndarray, stamps: np.ndarray,
+                 slots: np.ndarray, new_slots: np.ndarray, out: np.ndarray) -> np.int64:
+    """Slots of `keys` into `slots` (-1: not admitted) and their rows into `out`; rows created
+    now go to new_slots[:n], n returned (their optimizer state is the caller's). The index
+    must have room for keys.size inserts and `values` for its slot capacity."""
+    low = np.uint32(step & 0xFFFFFFFF)
+    seed_hash = hash64(seed)
+    dim = values.shape[1]
+    mask = np.uint64(table.size - 1)
+    a_mask = np.uint64(a_table.size - 1)
+    # Stage 1: every key's home bucket. Stage 2: the rows (and keys) of the tag matches, the
+    # admission buckets of the rest. Stage 3, the work, then finds its lines in cache.
+    for i in range(keys.size):
+        prefetch(table, hash64(keys[i]) & mask)
+    for i in range(keys.size):
+        slot = _candidate(table, keys[i])
+        if slot >= 0:
+            prefetch(slot_key, slot)
+            prefetch(values, slot)
+            prefetch_end(values, slot)
+        elif a_kind == 1:
+            prefetch(a_table, hash64(keys[i]) & a_mask)
+    n_new = 0
+    for i in range(keys.size):
+        key = keys[i]
+        pos, slot = probe(table, slot_key, key)
+        if slot < 0 and observe_one(a_kind, a_table, a_slot_key, a_free, a_meta, a_counts, a_last_seen,
+                                    bloom, n_hashes, freq, key, adds[i], step):
+            slot = claim(table, slot_key, free, meta, key, pos)
+            init_row(seed_hash, key, std, values, slot)
+            last_step[slot] = low
+            stamps[slot] = stamp
+            new_slots[n_new] = slot
+            n_new += 1
+        slots[i] = slot
+        if slot < 0:
+            for j in range(dim):
+                out[i, j] = default
+        else:
+            for j in range(dim):
+                out[i, j] = values[slot, j]
+    return n_new
