@@ -430,3 +430,25 @@ def test_a_publisher_thread_cutting_during_training_misses_nothing() -> None:
     done.set()
     publisher.join()
     _assert_same(replica, ev)
+
+
+@pytest.mark.parametrize("freq", [0, 2, 3])
+def test_lookup_growing_mid_batch_admits_every_key_once(freq: int) -> None:
+    """The table grows while a batch is being looked up (it starts tiny, batches bring
+    hundreds of new keys): every key whose sightings reach filter_freq gets exactly one row,
+    and the caller's counts are left alone."""
+    ev = make(dim=3, admission=AdmissionConfig(filter_freq=freq))
+    rng, seen = np.random.default_rng(1), {}
+    for step in range(1, 20):
+        keys = np.unique(rng.integers(0, 3000, 500))
+        counts = rng.integers(1, 3, keys.size)
+        given = counts.copy()
+        rows = ev.train_lookup(keys, counts).numpy()
+        np.testing.assert_array_equal(counts, given)
+        for k, c in zip(keys.tolist(), counts.tolist()):
+            seen[k] = seen.get(k, 0) + c
+        live = {k for k, n in seen.items() if n >= max(freq, 1)}
+        assert set(ev.export()[0].tolist()) == live
+        admitted = np.array([k in live for k in keys.tolist()])
+        np.testing.assert_array_equal(rows[admitted], ev.lookup(keys[admitted]).numpy())
+        ev.apply_gradients(keys, np.ones((keys.size, 3), np.float32), step)

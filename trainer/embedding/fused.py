@@ -43,10 +43,13 @@ def train_lookup(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta
                  keys: np.ndarray, adds: np.ndarray, step: np.int64, seed: np.int64, std: np.float32,
                  stamp: np.int64, default: np.float32,
                  values: np.ndarray, last_step: np.ndarray, stamps: np.ndarray,
-                 slots: np.ndarray, new_slots: np.ndarray, out: np.ndarray) -> np.int64:
-    """Slots of `keys` into `slots` (-1: not admitted) and their rows into `out`; rows created
-    now go to new_slots[:n], n returned (their optimizer state is the caller's). The index
-    must have room for keys.size inserts and `values` for its slot capacity."""
+                 slots: np.ndarray, new_slots: np.ndarray, out: np.ndarray,
+                 start: np.int64, resumed: bool, max_size: np.int64) -> tuple[np.int64, np.int64]:
+    """Slots of keys[start:] into `slots` (-1: not admitted) and their rows into `out`; rows
+    created now go to new_slots[:n] (their optimizer state is the caller's). Returns (n, i):
+    i < keys.size when key i needs a row and the index is full (max_size keys, or no free
+    slot below the slot capacity, which `values` must have): grow it, call again from i with
+    `resumed` (key i was admitted already; counting it again would lose that)."""
     low = np.uint32(step & 0xFFFFFFFF)
     seed_hash = hash64(seed)
     dim = values.shape[1]
@@ -54,9 +57,9 @@ def train_lookup(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta
     a_mask = np.uint64(a_table.size - 1)
     # Stage 1: every key's home bucket. Stage 2: the rows (and keys) of the tag matches, the
     # admission buckets of the rest. Stage 3, the work, then finds its lines in cache.
-    for i in range(keys.size):
+    for i in range(start, keys.size):
         prefetch(table, hash64(keys[i]) & mask)
-    for i in range(keys.size):
+    for i in range(start, keys.size):
         slot = _candidate(table, keys[i])
         if slot >= 0:
             prefetch(slot_key, slot)
@@ -65,11 +68,14 @@ def train_lookup(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta
         elif a_kind == 1:
             prefetch(a_table, hash64(keys[i]) & a_mask)
     n_new = 0
-    for i in range(keys.size):
+    for i in range(start, keys.size):
         key = keys[i]
         pos, slot = probe(table, slot_key, key)
-        if slot < 0 and observe_one(a_kind, a_table, a_slot_key, a_free, a_meta, a_counts, a_last_seen,
-                                    bloom, n_hashes, freq, key, adds[i], step):
+        if slot < 0 and ((i == start and resumed) or observe_one(
+                a_kind, a_table, a_slot_key, a_free, a_meta, a_counts, a_last_seen, bloom, n_hashes, freq,
+                key, adds[i], step)):
+            if meta[0] >= max_size or (meta[2] == 0 and meta[1] >= slot_key.size):
+                return n_new, i  # full: key i is admitted (counted), the next call resumes there
             slot = claim(table, slot_key, free, meta, key, pos)
             init_row(seed_hash, key, std, values, slot)
             last_step[slot] = low
@@ -83,4 +89,4 @@ def train_lookup(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta
         else:
             for j in range(dim):
                 out[i, j] = values[slot, j]
-    return n_new
+    return n_new, keys.size

@@ -160,6 +160,11 @@ class KeyIndex:
         return self._slot_key.size
 
     @property
+    def max_size(self) -> int:
+        """Keys the probe table holds before it must grow (its maximum load)."""
+        return int(_MAX_LOAD * self._table.size)
+
+    @property
     def high_water(self) -> int:
         """One past the highest slot ever handed out."""
         return int(self._meta[1])

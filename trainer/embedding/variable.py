@@ -116,16 +116,23 @@ class EmbeddingVariable:
         keys = as_keys(keys)
         n = keys.size
         adds = np.ones(n, np.int64) if counts is None else np.ascontiguousarray(counts, np.int64).reshape(-1)
-        index = self._index.arrays(n)
-        self._fit_rows()
         slots = np.empty(n, dtype=np.int64)
         new_slots = np.empty(n, dtype=np.int64)
         out = np.empty((n, self.dim), dtype=np.float32)
-        n_new = fused.train_lookup(*index, *self._admission.kernel_args(n), keys, adds, self._step,
-                                   self.config.seed, np.float32(self.config.init_std), self._clock, self._default,
-                                   self._values, self._last_step, self._stamps, slots, new_slots, out)
-        if n_new:
-            self._optimizer.init_rows(self._state, new_slots[:n_new])
+        admission = self._admission.kernel_args(n)
+        start, grow = 0, 0
+        while start < n:
+            # Room is reserved only when the kernel runs out of it: reserving for every key
+            # of the batch would grow the table ahead of its rows.
+            index = self._index.arrays(grow)
+            self._fit_rows()
+            created, stop = fused.train_lookup(
+                *index, *admission, keys, adds, self._step, self.config.seed, np.float32(self.config.init_std),
+                self._clock, self._default, self._values, self._last_step, self._stamps, slots, new_slots[start:],
+                out, start, grow > 0, self._index.max_size)
+            if created:
+                self._optimizer.init_rows(self._state, new_slots[start:start + created])
+            start, grow = stop, n - stop
         self._lookup_cache = (given, slots)
         return torch.from_numpy(out)
 
