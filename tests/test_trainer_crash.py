@@ -8,12 +8,33 @@ import random
 import signal
 import threading
 import time
+from pathlib import Path
 
 import orjson
 
 from publisher.payload import Kind, decode
 from publisher.redis_store import RedisVersionStore
 from tests.test_end_to_end import START_TIMEOUT_S, criteo_like, produce, start, wait_for, write_settings
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def learned_samples(store: RedisVersionStore) -> tuple[int, int]:
@@ -50,9 +71,11 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, kafka_config, redis_c
             head_before = store.head() or 0
             wait_for(lambda: (store.head() or 0) > head_before, START_TIMEOUT_S, "a new version", [trainer])
             time.sleep(rng.uniform(0.0, 1.5))  # anywhere: mid-step, mid-cut, mid-write
+            helpers = children_of(trainer.pid)  # its ingest process
             trainer.send_signal(signal.SIGKILL)
             trainer.wait()
             kills += 1
+            wait_for(lambda: not any(alive(p) for p in helpers), 20, "the killed trainer's children to exit")
         stop.set()
         producer.join()
         trainer = start(config, "train", log=tmp_path / "trainer-final.log")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import queue
 import time
 import traceback
@@ -319,8 +320,11 @@ class _Batcher:
 
 def _ingest_main(kafka: KafkaConfig, schema: FeatureSchema, max_message_bytes: int, batch_size: int,
                  max_wait_ms: int, start_offsets: dict[int, int], client: Client,
-                 out: mp.Queue, stop: mp.Event) -> None:
-    """The ingest process: read, decode, validate, batch; hand chunks over, bounded by `out`."""
+                 out: mp.Queue, stop: mp.Event, parent: int) -> None:
+    """The ingest process: read, decode, validate, batch; hand chunks over, bounded by `out`.
+
+    It ends with its trainer: `daemon` covers a clean exit only, so a trainer killed with
+    SIGKILL is noticed by being re-parented (otherwise the child would read Kafka forever)."""
     import torch
 
     torch.set_num_threads(1)  # it builds no tensors; do not let OpenMP spin on the trainer's core
@@ -332,12 +336,15 @@ def _ingest_main(kafka: KafkaConfig, schema: FeatureSchema, max_message_bytes: i
     out.put(("ready", (partitions, type(reader).__name__)))
     batcher = _Batcher(reader, SampleCodec(schema, max_message_bytes), batch_size, max_wait_ms,
                        kafka.samples_topic)
+    def running() -> bool:
+        return not stop.is_set() and os.getppid() == parent
+
     try:
-        while not stop.is_set():
+        while running():
             chunk = batcher.next_chunk(idle_timeout_s=0.1)
             if chunk is None:
                 continue
-            while not stop.is_set():
+            while running():
                 try:
                     out.put(("chunk", chunk), timeout=0.1)
                     break
@@ -346,6 +353,9 @@ def _ingest_main(kafka: KafkaConfig, schema: FeatureSchema, max_message_bytes: i
     except Exception:  # noqa: BLE001
         out.put(("error", traceback.format_exc()))
     finally:
+        # Chunks still buffered for a trainer that stopped reading are worthless (the next
+        # trainer reads from published offsets); waiting to flush them would hang the exit.
+        out.cancel_join_thread()
         reader.close()
 
 
@@ -379,7 +389,7 @@ class KafkaSampleSource:
             self._process = ctx.Process(
                 target=_ingest_main, name="freshrec-ingest", daemon=True,
                 args=(kafka, codec.schema, codec.max_message_bytes, batch_size, max_wait_ms, start_offsets,
-                      client, self._queue, self._stop))
+                      client, self._queue, self._stop, os.getpid()))
             self._process.start()
             partitions, self.client_name = self._await_ready()
         elif ingest == "inline":
