@@ -41,7 +41,7 @@ def build_training_loop(settings: Settings) -> TrainingLoop:
     source = KafkaSampleSource(kafka, SampleCodec(schema), settings.trainer.batch_size,
                                settings.trainer.max_batch_wait_ms, start_offsets=position.offsets)
     status = TrainerStatusHook(StatusBoard(store.redis, settings.redis), source, publisher)
-    hooks = [publisher, status, MetricsHook(source)]
+    hooks = [publisher, status, MetricsHook(source, learner)]
     return TrainingLoop(source, learner, hooks, position)
 
 

@@ -120,6 +120,12 @@ class _FollowerCollector:
                     time.time() - model.manifest.created_at if model else None)
         yield gauge("freshrec_serving_watermark_seconds", "event-time watermark of the served version",
                     model.manifest.watermark if model else None)
+        newest = model.manifest.newest_produced_ms if model else 0
+        yield gauge("freshrec_serving_freshness_seconds",
+                    "now minus the produce time of the newest event the served version learned "
+                    "(an upper bound on the freshness of every event it includes; "
+                    "`freshrec bench freshness` measures per-event freshness end to end)",
+                    time.time() - newest / 1000 if newest else None)
         yield gauge("freshrec_serving_ready", "1 when /readyz answers 200", float(ready))
         yield gauge("freshrec_serving_degraded", "1 while the follower is failing (serving its last good version)",
                     float(health.last_error is not None))

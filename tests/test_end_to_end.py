@@ -166,6 +166,9 @@ def test_events_become_live_predictions(pipeline, kafka_config, redis_config):
     metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
     assert f"freshrec_trainer_samples_total {float(total - len(bad))}" in metrics
     assert 'freshrec_trainer_dead_letters_total{reason="bad_label"} 1.0' in metrics
+    assert "freshrec_trainer_rows_admitted_total" in metrics and "freshrec_trainer_rows_admitted_total 0.0" not in metrics
+    served = http.get("/metrics").text
+    assert "freshrec_serving_freshness_seconds" in served
 
     # SIGTERM: the trainer publishes a final version and exits cleanly.
     before = store.head()

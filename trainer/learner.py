@@ -28,6 +28,7 @@ class OnlineLearner:
         self.metrics = RollingMetrics(config.metrics_window)
         self.global_step = 0
         self.samples_seen = 0
+        self.rows_evicted = 0
 
     def learn(self, batch: Batch) -> np.ndarray:
         """Score the batch, then learn from it. Returns the pre-update probabilities."""
@@ -41,7 +42,7 @@ class OnlineLearner:
         self.dense_optimizer.step()
         self.global_step += 1
         self.sparse.apply_gradients(sparse_step, self.global_step)
-        self.sparse.maybe_evict(self.global_step)
+        self.rows_evicted += self.sparse.maybe_evict(self.global_step)
 
         probabilities = torch.sigmoid(logits.detach()).numpy()
         self.metrics.update(probabilities, batch.labels.numpy())

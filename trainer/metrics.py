@@ -29,6 +29,8 @@ LOG_LOSS_TIME = Gauge("freshrec_trainer_progressive_log_loss_time_window",
 WINDOW_SAMPLES = Gauge("freshrec_trainer_progressive_window_samples",
                        "Samples in each progressive-validation window", ["window"])
 TIME_WINDOW_SECONDS = Gauge("freshrec_trainer_progressive_time_window_seconds", "Length of the time window")
+ADMISSIONS = Counter("freshrec_trainer_rows_admitted", "Keys given a trainable row (admitted)")
+EVICTIONS = Counter("freshrec_trainer_rows_evicted", "Rows evicted (idle or small), published as tombstones")
 LIVE_ROWS = Gauge("freshrec_trainer_live_rows", "Live rows per embedding table", ["table"])
 WATERMARK = Gauge("freshrec_trainer_watermark_seconds", "Newest event time learned")
 LAG = Gauge("freshrec_trainer_kafka_lag", "Messages behind the partition high watermark", ["partition"])
@@ -37,12 +39,16 @@ LAG = Gauge("freshrec_trainer_kafka_lag", "Messages behind the partition high wa
 class MetricsHook:
     """Exports the learner's state after each step; logs a summary every `log_every_s`."""
 
-    def __init__(self, source: KafkaSampleSource, log_every_s: float = 10.0, quality_every_s: float = 1.0) -> None:
+    def __init__(self, source: KafkaSampleSource, learner: OnlineLearner, log_every_s: float = 10.0,
+                 quality_every_s: float = 1.0) -> None:
         self.source = source
         self.log_every_s = log_every_s
         self.quality_every_s = quality_every_s
-        self._samples = 0
-        self._steps = 0
+        # Counters count what this process does: a resumed learner's totals are the baseline.
+        self._samples = learner.samples_seen
+        self._steps = learner.global_step
+        self._live = sum(learner.sparse.live_rows().values())
+        self._evicted = learner.rows_evicted
         self._dead: dict[str, int] = {}
         self._last_quality = 0.0
         self._last_log = time.monotonic()
@@ -51,6 +57,7 @@ class MetricsHook:
         SAMPLES.inc(learner.samples_seen - self._samples)
         STEPS.inc(learner.global_step - self._steps)
         self._samples, self._steps = learner.samples_seen, learner.global_step
+        self._count_rows(learner)
         for reason, count in self.source.dead_letters.items():
             DEAD_LETTERS.labels(reason).inc(count - self._dead.get(reason, 0))
             self._dead[reason] = count
@@ -69,6 +76,14 @@ class MetricsHook:
                      learner.global_step, learner.samples_seen, m.auc(), m.log_loss(), min(m.seen, m.window),
                      m.time_auc(), m.time_log_loss(), m.time_window_s, m.time_window_count(),
                      sum(self.source.dead_letters.values()), sum(learner.sparse.live_rows().values()))
+
+    def _count_rows(self, learner: OnlineLearner) -> None:
+        """Admissions are derived: every row that exists or was evicted was admitted once."""
+        live = sum(learner.sparse.live_rows().values())
+        evicted = learner.rows_evicted - self._evicted
+        EVICTIONS.inc(evicted)
+        ADMISSIONS.inc(max(0, live - self._live + evicted))
+        self._live, self._evicted = live, learner.rows_evicted
 
     def close(self, learner: OnlineLearner, position: Position) -> None:
         self._export_quality(learner)

@@ -104,7 +104,7 @@ def _from_kafka(schema, config, kafka, total: int, args) -> dict:
     source = KafkaSampleSource(kafka, SampleCodec(schema), config.batch_size, config.max_batch_wait_ms,
                                ingest=args.ingest, client=args.client)
     startup_s = time.perf_counter() - opened
-    hook = MetricsHook(source, log_every_s=3600)
+    hook = MetricsHook(source, learner, log_every_s=3600)
     position = Position(topic=kafka.samples_topic)
     steps = learned = timed_samples = 0
     started = None
