@@ -21,7 +21,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from publisher.redis_store import RedisVersionStore
 from stream.sample import InvalidSample, SampleCodec
 from stream.schema import FeatureSchema, load_schema
-from tests.faults.conftest import START_TIMEOUT_S, covered, free_port, metric, report, wait_for, write_settings
+from tests.faults.harness import START_TIMEOUT_S, covered, free_port, metric, report, wait_for, write_settings
 from tests.test_trainer_crash import learned_samples
 
 SCHEMA = load_schema("movielens")  # int ids, string ids, multi-valued ids, dense with and without log1p

@@ -13,7 +13,7 @@ import time
 
 from publisher.config import RedisConfig
 from publisher.redis_store import RedisVersionStore
-from tests.faults.conftest import START_TIMEOUT_S, covered, report, topics_on, wait_for, write_settings
+from tests.faults.harness import START_TIMEOUT_S, covered, report, topics_on, wait_for, write_settings
 from tests.test_trainer_crash import learned_samples
 
 EVENTS = 20_000

@@ -27,7 +27,7 @@ from freshrec.settings import Settings
 from publisher.redis_store import RedisVersionStore
 from publisher.restore import restore_learner
 from stream.sample import SampleCodec
-from tests.faults.conftest import (START_TIMEOUT_S, Load, Producer, covered, free_port, metric, report, rss_mb,
+from tests.faults.harness import (START_TIMEOUT_S, Load, Producer, covered, free_port, metric, report, rss_mb,
                                    wait_for, write_settings)
 from tests.test_end_to_end import criteo_like
 from tests.test_trainer_crash import learned_samples

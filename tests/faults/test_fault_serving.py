@@ -12,7 +12,7 @@ import time
 import httpx
 
 from publisher.redis_store import RedisVersionStore
-from tests.faults.conftest import START_TIMEOUT_S, Load, Producer, free_port, report, wait_for, write_settings
+from tests.faults.harness import START_TIMEOUT_S, Load, Producer, free_port, report, wait_for, write_settings
 from tests.test_end_to_end import criteo_like
 
 
