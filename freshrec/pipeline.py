@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 
+import torch
 from fastapi import FastAPI
 from prometheus_client import start_http_server
 
@@ -46,6 +47,8 @@ def build_training_loop(settings: Settings) -> TrainingLoop:
 
 
 def train(settings: Settings, stop: threading.Event) -> TrainingLoop:
+    if settings.trainer.torch_threads:
+        torch.set_num_threads(settings.trainer.torch_threads)
     if settings.trainer.metrics_port:
         start_http_server(settings.trainer.metrics_port, addr=settings.trainer.metrics_host)
     loop = build_training_loop(settings)

@@ -33,6 +33,10 @@ class TrainerConfig(BaseModel):
     cross_rank: int = Field(default=32, ge=1, description="DCN-v2 low-rank cross weight")
     embedding: EmbeddingDefaults = Field(default_factory=EmbeddingDefaults)
     seed: int = 0
+    # Intra-op threads for the training step (0: torch's default, one per core). One leaves
+    # the other cores to the ingest process and the publisher's writer; OpenMP threads that
+    # spin on an oversubscribed machine cost more than they give at these batch sizes.
+    torch_threads: int = Field(default=1, ge=0)
     consumer_group: str = "freshrec-trainer"
     # Prometheus metrics of the trainer process are served on this port (0: not served).
     metrics_port: int = Field(default=9100, ge=0)
