@@ -12,8 +12,8 @@ Where the time goes, and what is done about it (README: Trainer performance and 
   sides are mostly Python). The process hands over numpy-only `BatchArrays`, so the training
   process only wraps them as tensors.
 - A micro-batch is decoded as columns (`SampleCodec.decode_batch`), not message by message.
-- The Kafka client is confluent-kafka (librdkafka, ~10x kafka-python's consume rate here)
-  when it is installed (`pip install freshrec[fast]`), kafka-python otherwise.
+- The Kafka client is confluent-kafka (librdkafka, ~10x kafka-python's consume rate here),
+  a dependency of freshrec; kafka-python where librdkafka cannot be imported.
 
 Exactness does not depend on any of that: every message of a micro-batch is either in its
 samples or dead-lettered with its reason (in this process, before the batch is returned),
