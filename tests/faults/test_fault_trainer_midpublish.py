@@ -61,8 +61,11 @@ def test_sigkill_mid_publish_resumes_from_the_newest_complete_version(tmp_path, 
             caught.append((version, chunks))
         total = producer.stop()
     restarted = time.monotonic()
+    head_before = store.head()
     trainer = processes.start(config, "train", name="trainer-final")
-    wait_for(lambda: covered(store) == total, 120, "a version covering every produced sample", [trainer])
+    # A version of its own (so SIGTERM below finds it running, its signal handler set) covering everything.
+    wait_for(lambda: store.head() > head_before and covered(store) == total, 120,
+             "a version covering every produced sample", [trainer])
     took = time.monotonic() - restarted
     samples, offsets = learned_samples(store)
     assert offsets == total and samples == total, f"state learned {samples} of {total}: lost or counted twice"
