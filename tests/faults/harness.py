@@ -83,10 +83,14 @@ class RedisServer:
             stdout=log, stderr=subprocess.STDOUT)
         ready = ready or self.answers
         deadline = time.monotonic() + 20
-        while not ready():
-            assert self.proc.poll() is None, f"redis-server exited: {(self.dir / f'redis-{self.starts}.log').read_text()}"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
+        try:
+            while not ready():
+                assert self.proc.poll() is None, f"redis-server exited: {(self.dir / f'redis-{self.starts}.log').read_text()}"
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        except BaseException:  # a failed start must not leave an orphan redis-server behind
+            self.kill()
+            raise
 
     def answers(self) -> bool:
         try:
