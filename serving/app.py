@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 
 import orjson
 import torch
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -147,24 +147,14 @@ def create_app(schema: FeatureSchema, trainer_config: TrainerConfig, redis_confi
 
     # ---- admin ------------------------------------------------------------------------
 
-    def admin(request: Request) -> None:
-        token = config.admin_token
-        if token is None:
-            raise HTTPException(404, "the admin API is disabled (serving.admin_token is not set)")
-        auth = request.headers.get("authorization", "")
-        scheme, _, given = auth.partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise HTTPException(401, "admin API: send Authorization: Bearer <token>",
-                                headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(403, "admin API: wrong token")
+    app.add_middleware(AdminTokenFirst, token=config.admin_token)
 
     def pinned_state() -> dict:
         model = follower.current
         return {"version": model.version if model else None, "pinned": follower.pinned,
                 "head": follower.health.head}
 
-    @app.get("/admin/versions", dependencies=[Depends(admin)])
+    @app.get("/admin/versions")
     def admin_versions() -> JSONResponse:
         return JSONResponse({"retained": follower.retained_versions(), **pinned_state()})
 
@@ -177,17 +167,17 @@ def create_app(schema: FeatureSchema, trainer_config: TrainerConfig, redis_confi
             raise HTTPException(409, str(e)) from None
         return JSONResponse(pinned_state())
 
-    @app.post("/admin/pin", dependencies=[Depends(admin)])
+    @app.post("/admin/pin")
     def admin_pin(body: VersionRequest | None = None) -> JSONResponse:
         return change_version(body.version if body else None, rollback=False)
 
-    @app.post("/admin/rollback", dependencies=[Depends(admin)])
+    @app.post("/admin/rollback")
     def admin_rollback(body: VersionRequest) -> JSONResponse:
         if body.version is None:
             raise HTTPException(422, "rollback needs a version")
         return change_version(body.version, rollback=True)
 
-    @app.post("/admin/unpin", dependencies=[Depends(admin)])
+    @app.post("/admin/unpin")
     def admin_unpin() -> JSONResponse:
         follower.unpin()
         return JSONResponse(pinned_state())
@@ -216,3 +206,35 @@ def _warm_up(schema: FeatureSchema, trainer_config: TrainerConfig) -> None:
     table.lookup(np.array([1, 9], np.int64))
     table.copy().items()
     ModelHolder(schema, trainer_config)  # imports the model code paths
+
+
+def admin_refusal(token: str | None, authorization: str) -> HTTPException | None:
+    """Why an admin request is refused (None: it may proceed)."""
+    if token is None:
+        return HTTPException(404, "the admin API is disabled (serving.admin_token is not set)")
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        return HTTPException(401, "admin API: send Authorization: Bearer <token>", headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        return HTTPException(403, "admin API: wrong token")
+    return None
+
+
+class AdminTokenFirst:
+    """Checks the admin token before anything reads the request body: an unauthenticated
+    caller gets 401/403 whatever it sends, and learns nothing about the API's validation.
+    Plain ASGI, so it costs /predict one string comparison."""
+
+    def __init__(self, app, token: str | None) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/admin"):
+            headers = dict(scope["headers"])
+            refusal = admin_refusal(self.token, headers.get(b"authorization", b"").decode("latin-1"))
+            if refusal is not None:
+                response = JSONResponse({"detail": refusal.detail}, refusal.status_code, headers=refusal.headers)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -79,8 +79,10 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, kafka_config, redis_c
         stop.set()
         producer.join()
         trainer = start(config, "train", log=tmp_path / "trainer-final.log")
-        wait_for(lambda: store.head() is not None and learned_samples(store)[1] == total, 90,
-                 "a version covering every produced sample", [trainer])
+        head_before = store.head() or 0
+        # Its own version first: then it has its signal handlers, and coverage is its doing.
+        wait_for(lambda: (store.head() or 0) > head_before, START_TIMEOUT_S, "the final trainer's version", [trainer])
+        wait_for(lambda: learned_samples(store)[1] == total, 90, "a version covering every produced sample", [trainer])
         samples, covered = learned_samples(store)
         assert kills == 4 and covered == total
         assert samples == total, f"state learned {samples} samples of {total}: lost or counted twice"
