@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ["run", "stack", "produce", "train", "serve", "gate", "bench"]
+COMMANDS = ["run", "stack", "produce", "join", "train", "serve", "gate", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from ops.config import StackConfig
 from publisher.config import PublisherConfig, RedisConfig
 from serving.config import ServingConfig
-from stream.config import KafkaConfig, ProducerConfig
+from stream.config import JoinerConfig, KafkaConfig, ProducerConfig
 from stream.schema import FeatureSchema, load_schema
 from trainer.config import TrainerConfig
 
@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     publisher: PublisherConfig = Field(default_factory=PublisherConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     stack: StackConfig = Field(default_factory=StackConfig)
+    joiner: JoinerConfig = Field(default_factory=JoinerConfig)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

@@ -1,9 +1,11 @@
 """Send events to Kafka at a chosen rate, and account for every one of them.
 
-Messages carry no key: kafka-python then spreads them over the topic's partitions. Samples
+Samples carry no key: kafka-python then spreads them over the topic's partitions. Samples
 need no per-key ordering, and keying by an id would pile the Zipf-hot ids (and their
 traffic) onto one partition, i.e. onto one trainer consumer. The Kafka message timestamp is
 the produce time (the client's default), which is what freshness is measured from.
+Raw impressions and clicks (`stream.events`) come as `Keyed` items: each names its topic and
+carries its request id as the key, so that an impression and its clicks share a partition.
 
 Every send is counted exactly once, when the broker answers: `sent` (acknowledged by all
 in-sync replicas) or `errors`. `flush()` runs before returning, so the two add up to the
@@ -18,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
+from typing import NamedTuple
 
 import orjson
 from kafka import KafkaProducer
@@ -34,6 +37,14 @@ PRODUCER_SETTINGS = {
 }
 PACING_SLICE_S = 0.01  # a pacing block is about this much time's worth of events
 REPORT_EVERY_S = 10.0
+
+
+class Keyed(NamedTuple):
+    """A message for a given topic, with a key (the default partitioner hashes it: murmur2)."""
+
+    topic: str
+    key: bytes
+    value: bytes | dict
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +114,7 @@ class _Outcomes:
 
 def produce(
     kafka: KafkaConfig,
-    source: Iterable[bytes | dict],
+    source: Iterable[bytes | dict | Keyed],
     *,
     topic: str | None = None,
     rate: float | None = None,
@@ -111,7 +122,8 @@ def produce(
     stop: threading.Event | None = None,
     max_block: int = 500,
 ) -> ProduceStats:
-    """Send `source` to `topic` (the samples topic by default): dicts as JSON, bytes as they are.
+    """Send `source` to `topic` (the samples topic by default): dicts as JSON, bytes as they are,
+    `Keyed` items to their own topic with their key.
 
     Runs until the source ends, `max_events` were sent, or `stop` is set; `rate` is events
     per second (None: as fast as the client goes), paced in blocks of at most `max_block`."""
@@ -128,16 +140,20 @@ def produce(
                 break
             if pacer is not None and attempted % pacer.block == 0:
                 pacer.acquire()
+            key = None
+            target = topic
+            if isinstance(item, Keyed):
+                target, key, item = item
             value = item if isinstance(item, bytes) else orjson.dumps(item)
             attempted += 1
             try:
-                producer.send(topic, value).add_callback(outcomes.ok).add_errback(outcomes.failed)
+                producer.send(target, value, key=key).add_callback(outcomes.ok).add_errback(outcomes.failed)
             except KafkaError as e:  # raised before the message was queued (metadata, buffer full)
                 outcomes.failed(e)
             if time.monotonic() - last_report >= REPORT_EVERY_S:
                 last_report = time.monotonic()
                 log.info("produced %d (%d errors) to %s, %.0f events/s", outcomes.sent, outcomes.errors,
-                         topic, outcomes.sent / (last_report - started))
+                         topic if key is None else "their topics", outcomes.sent / (last_report - started))
         producer.flush()
     finally:
         producer.close()

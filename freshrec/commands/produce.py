@@ -1,4 +1,5 @@
-"""`freshrec produce`: send synthetic or replayed samples to the samples topic."""
+"""`freshrec produce`: send synthetic or replayed samples to the samples topic, or (with
+`--events raw`) the synthetic stream as raw impressions and clicks for `freshrec join`."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["criteo", "jsonl"], help="file format (default: from the extension)")
     p.add_argument("--topic", help="target topic (default: kafka.samples_topic)")
     p.add_argument("--seed", type=int, help="synthetic stream seed (default: producer.seed)")
+    p.add_argument("--events", choices=["samples", "raw"], default="samples",
+                   help="samples: labeled samples to the samples topic; raw: synthetic impressions and "
+                        "clicks (from the hidden click model) to their topics, for `freshrec join`")
+    p.add_argument("--click-delay", type=float, default=5.0,
+                   help="raw events: mean delay of a click after its impression, seconds (exponential)")
     p.set_defaults(func=run)
 
 
@@ -28,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from stream.topics import ensure_topics
 
     settings = load_settings(args.config)
+    if args.events == "raw":
+        return _run_raw(args, settings)
     topic = args.topic or settings.kafka.samples_topic
     rate = settings.producer.rate if args.rate is None else args.rate
     count = settings.producer.max_events if args.count is None else args.count
@@ -38,6 +46,42 @@ def run(args: argparse.Namespace) -> int:
     print(f"produced {stats.sent} events to {topic} ({stats.errors} failed) in {stats.elapsed_s:.1f}s: "
           f"{stats.rate:,.0f} events/s", flush=True)
     return 1 if stats.errors else 0
+
+
+def _run_raw(args: argparse.Namespace, settings: Settings) -> int:
+    """Impressions and clicks; `--count` counts impressions, `--rate` all messages."""
+    from stream.producer import produce
+    from stream.topics import ensure_topics
+
+    if args.source != "synthetic" or args.topic:
+        raise SystemExit("--events raw makes synthetic impressions and clicks (no --source file, no --topic)")
+    kafka = settings.kafka
+    rate = settings.producer.rate if args.rate is None else args.rate
+    count = settings.producer.max_events if args.count is None else args.count
+    ensure_topics(kafka, [kafka.impressions_topic, kafka.clicks_topic], kafka.partitions)
+    stop = _stop_on_signals()
+    stats = produce(kafka, raw_events(settings, args.seed, count, args.click_delay), rate=rate or None,
+                    stop=stop, max_block=settings.producer.batch_size)
+    print(f"produced {stats.sent} impressions and clicks to {kafka.impressions_topic} and {kafka.clicks_topic} "
+          f"({stats.errors} failed) in {stats.elapsed_s:.1f}s: {stats.rate:,.0f} events/s", flush=True)
+    return 1 if stats.errors else 0
+
+
+def raw_events(settings: Settings, seed: int | None, count: int | None, click_delay_s: float) -> Iterable:
+    """The synthetic stream as impressions and clicks (clicks delayed, in event-time order)."""
+    from itertools import islice
+
+    from stream.events import impressions_and_clicks
+    from stream.synthetic import SyntheticStream
+
+    seed = settings.producer.seed if seed is None else seed
+    schema = settings.feature_schema()
+    events = SyntheticStream(schema, seed=seed).events()
+    if count is not None:
+        events = islice(events, count)
+    return impressions_and_clicks(events, settings.kafka.impressions_topic, settings.kafka.clicks_topic,
+                                  label=schema.label, event_time=schema.event_time,
+                                  click_delay_s=click_delay_s, seed=seed)
 
 
 def _source(args: argparse.Namespace, settings: Settings) -> Iterable[dict | bytes]:

@@ -153,12 +153,18 @@ def _serving_info(http: httpx.Client, url: str) -> dict | None:
         return None
 
 
+def _metric(value: float | None) -> str:
+    """AUC is undefined until both labels were seen (through the joiner, negatives come a
+    window later than positives)."""
+    return "  n/a " if value is None else f"{value:.4f}"
+
+
 def _progress_line(trainer: dict | None, serving: dict | None, elapsed: float) -> str:
     parts = [f"{elapsed:6.0f}s"]
     if trainer:
         dead = sum(trainer["dead_letters"].values())
         parts += [f"trained {trainer['samples']:>9,}", f"{trainer['samples_per_s']:>7,.0f} samples/s",
-                  f"AUC {trainer['auc']:.4f}", f"logloss {trainer['log_loss']:.4f}",
+                  f"AUC {_metric(trainer['auc'])}", f"logloss {_metric(trainer['log_loss'])}",
                   f"rows {trainer['live_rows']:>9,}", f"dead {dead}", f"published v{trainer['published_version']}"]
     else:
         parts.append("trainer starting")
