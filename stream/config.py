@@ -82,3 +82,6 @@ class JoinerConfig(BaseModel):
     stats_interval_s: float = Field(default=10.0, gt=0, description="counters are logged this often")
     # When set, the counters are also written there (JSON, replaced atomically) at that interval.
     stats_file: str | None = None
+    # Prometheus metrics (freshrec_joiner_events_total{kind}) are served on this port (0: not served).
+    metrics_port: int = Field(default=9102, ge=0)
+    metrics_host: str = "127.0.0.1"

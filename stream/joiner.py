@@ -542,6 +542,23 @@ def _monitor(on_commit: Callable[[], None]) -> Any:
     return CommitMonitor()
 
 
+class _JoinerCollector:
+    """Prometheus view of the joiner's counters, read when scraped (no second bookkeeping)."""
+
+    def __init__(self, joiner) -> None:
+        self.joiner = joiner
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        events = CounterMetricFamily("freshrec_joiner_events", "Joiner events by kind: impressions, clicks, "
+                                     "positives, negatives, late clicks, dead_letter.<reason>, ...", labels=["kind"])
+        stats = self.joiner.stats
+        for kind, count in (stats.core.counters.items() if stats is not None else ()):
+            events.add_metric([kind], count)
+        yield events
+
+
 class Stats:
     """Counters plus the events processed and when the first and last were (wall time)."""
 
@@ -775,6 +792,11 @@ class Joiner:
         import faust
 
         self.prepare_topics()
+        if self.cfg.metrics_port:
+            from prometheus_client import REGISTRY, start_http_server
+
+            REGISTRY.register(_JoinerCollector(self))
+            start_http_server(self.cfg.metrics_port, addr=self.cfg.metrics_host)
         worker = faust.Worker(self.app, loglevel=logging.getLevelName(logging.getLogger().level),
                               quiet=True, redirect_stdouts=False, override_logging=False)
         try:

@@ -22,7 +22,7 @@ def test_stack_has_kafka_redis_and_freshrec_roles():
     assert services["kafka"]["image"].startswith("apache/kafka")
     assert "broker,controller" in services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]  # KRaft
     assert services["redis"]["image"].startswith("redis")
-    assert {"trainer", "serving-1", "serving-2", "producer"} <= set(FRESHREC_SERVICES)
+    assert {"joiner", "trainer", "serving-1", "serving-2", "producer"} <= set(FRESHREC_SERVICES)
     for name in ("kafka", "redis", "serving-1", "serving-2"):
         assert "healthcheck" in services[name]
     for name in FRESHREC_SERVICES:
@@ -55,7 +55,7 @@ def exported_metrics() -> set[str]:
 def test_prometheus_scrapes_every_metrics_endpoint_and_the_dashboard_uses_real_metrics():
     prometheus = yaml.safe_load((ROOT / "ops/prometheus/prometheus.yml").read_text())
     targets = {t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
-    assert {"trainer:9100", "serving-1:8000", "serving-2:8000"} <= targets
+    assert {"joiner:9102", "trainer:9100", "serving-1:8000", "serving-2:8000"} <= targets
     dashboard = json.loads((ROOT / "ops/grafana/dashboards/freshrec.json").read_text())
     exported = exported_metrics()
     suffixes = ("_total", "_bucket", "_count", "_sum")

@@ -442,3 +442,21 @@ def test_crash_at_any_point_loses_nothing_and_duplicates_only_in_flight_samples(
         by_key[(k, label)].add(value)
     assert all(len(values) == 1 for values in by_key.values())  # duplicates are identical
     assert {(r, orjson.loads(v)["request_id"]) for r, v in broker.dead} == set(expected_dead)
+
+
+def test_prometheus_collector_reads_the_live_counters():
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from stream.joiner import _JoinerCollector
+
+    joiner = SimpleNamespace(stats=None)
+    registry = CollectorRegistry()
+    registry.register(_JoinerCollector(joiner))
+    assert b"freshrec_joiner_events_total{" not in generate_latest(registry)  # nothing before the first event
+    joiner.stats = SimpleNamespace(core=SimpleNamespace(counters=Counter({"impressions": 3, "dead_letter.bad_json": 1})))
+    text = generate_latest(registry).decode()
+    assert 'freshrec_joiner_events_total{kind="impressions"} 3.0' in text
+    assert 'freshrec_joiner_events_total{kind="dead_letter.bad_json"} 1.0' in text

@@ -28,6 +28,7 @@ START_TIMEOUT_S = 90  # a cold process imports faust; a restart waits out the de
 
 
 def write_settings(path: Path, kafka: KafkaConfig, **joiner) -> Path:
+    joiner.setdefault("metrics_port", 0)  # several joiners may run at once in a test session
     cfg = JoinerConfig(app_id=f"joiner-{kafka.samples_topic}", allowed_lateness_s=0.0, idle_input_s=None,
                        session_timeout_s=6.0, stats_interval_s=0.2, stats_file=str(path.parent / "stats.json"),
                        **joiner)
