@@ -75,16 +75,21 @@ def wait_for(condition, timeout_s: float, what: str, processes=()):
 
 
 def dead_letters(kafka_config, expected: int) -> list:
+    """Every record on the dead-letter topic, once `expected` arrived (plus any extra: there
+    must be none)."""
     consumer = KafkaConsumer(**kafka_config.client_kwargs())
     partitions = [TopicPartition(kafka_config.dead_letter_topic, p)
                   for p in consumer.partitions_for_topic(kafka_config.dead_letter_topic)]
     consumer.assign(partitions)
     consumer.seek_to_beginning()
     found = []
-    deadline = time.monotonic() + 20
-    while len(found) < expected and time.monotonic() < deadline:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         for records in consumer.poll(timeout_ms=500).values():
             found += records
+        if len(found) >= expected:
+            found += [r for rs in consumer.poll(timeout_ms=1000).values() for r in rs]  # nothing more?
+            break
     consumer.close()
     return found
 

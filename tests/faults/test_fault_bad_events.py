@@ -16,12 +16,13 @@ from collections import Counter
 
 import orjson
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
 from publisher.redis_store import RedisVersionStore
 from stream.sample import InvalidSample, SampleCodec
 from stream.schema import FeatureSchema, load_schema
 from tests.faults.harness import START_TIMEOUT_S, covered, free_port, metric, report, wait_for, write_settings
+from tests.test_end_to_end import dead_letters
 from tests.test_trainer_crash import learned_samples
 
 SCHEMA = load_schema("movielens")  # int ids, string ids, multi-valued ids, dense with and without log1p
@@ -155,7 +156,7 @@ def test_bad_events_reach_the_dead_letter_topic_and_the_counts_add_up(tmp_path, 
     samples, offsets = learned_samples(store)
     assert offsets == len(messages) and samples == len(goods), "learned + dead-lettered must equal produced"
     expected = Counter(reason for _, _, reason in corpus)
-    letters = _dead_letters(kafka_config, len(corpus))
+    letters = dead_letters(kafka_config, len(corpus))
     assert Counter(dict(m.headers)["reason"].decode() for m in letters) == expected
     assert all(dict(m.headers)["source"].decode().startswith(kafka_config.samples_topic) for m in letters)
     by_value = {m.value: dict(m.headers)["reason"].decode() for m in letters}
@@ -171,19 +172,3 @@ def test_bad_events_reach_the_dead_letter_topic_and_the_counts_add_up(tmp_path, 
                          f"their reason, {samples} learned, 0 lost; trainer start to full coverage {took:.1f}s")
 
 
-def _dead_letters(kafka_config, expected: int) -> list:
-    consumer = KafkaConsumer(**kafka_config.client_kwargs())
-    partitions = [TopicPartition(kafka_config.dead_letter_topic, p)
-                  for p in consumer.partitions_for_topic(kafka_config.dead_letter_topic)]
-    consumer.assign(partitions)
-    consumer.seek_to_beginning()
-    found = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        for records in consumer.poll(timeout_ms=500).values():
-            found += records
-        if len(found) >= expected:
-            found += [r for rs in consumer.poll(timeout_ms=1000).values() for r in rs]  # nothing more?
-            break
-    consumer.close()
-    return found
