@@ -35,22 +35,24 @@ def _home(key: np.int64, mask: np.int64) -> np.int64:
     return np.int64(x & np.uint64(mask))
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _find(buckets, keys, k, mask):
+    """(bucket position, slot) of key k; slot < 0 when absent, and the position is then the
+    empty bucket that ends its probe chain (where k would go)."""
+    pos = _home(k, mask)
+    while True:
+        s = buckets[pos]
+        if s < 0 or keys[s] == k:
+            return pos, s
+        pos = (pos + 1) & mask
+
+
 @njit(cache=True, nogil=True)
 def _gather(buckets, keys, values, query, default, out):
     mask = np.int64(buckets.size - 1)
     dim = values.shape[1]
     for i in range(query.size):
-        k = query[i]
-        pos = _home(k, mask)
-        slot = _EMPTY
-        while True:
-            s = buckets[pos]
-            if s < 0:
-                break
-            if keys[s] == k:
-                slot = s
-                break
-            pos = (pos + 1) & mask
+        _, slot = _find(buckets, keys, query[i], mask)
         if slot < 0:
             for d in range(dim):
                 out[i, d] = default
@@ -66,23 +68,17 @@ def _upsert(buckets, keys, values, free, meta, new_keys, new_values):
     dim = values.shape[1]
     for i in range(new_keys.size):
         k = new_keys[i]
-        pos = _home(k, mask)
-        while True:
-            s = buckets[pos]
-            if s < 0:
-                if meta[2] > 0:
-                    meta[2] -= 1
-                    s = free[meta[2]]
-                else:
-                    s = meta[1]
-                    meta[1] += 1
-                keys[s] = k
-                buckets[pos] = s
-                meta[0] += 1
-                break
-            if keys[s] == k:
-                break
-            pos = (pos + 1) & mask
+        pos, s = _find(buckets, keys, k, mask)
+        if s < 0:
+            if meta[2] > 0:
+                meta[2] -= 1
+                s = free[meta[2]]
+            else:
+                s = meta[1]
+                meta[1] += 1
+            keys[s] = k
+            buckets[pos] = s
+            meta[0] += 1
         for d in range(dim):
             values[s, d] = new_values[i, d]
 
@@ -92,17 +88,7 @@ def _remove(buckets, keys, free, meta, gone):
     mask = np.int64(buckets.size - 1)
     removed = 0
     for i in range(gone.size):
-        k = gone[i]
-        pos = _home(k, mask)
-        slot = _EMPTY
-        while True:
-            s = buckets[pos]
-            if s < 0:
-                break
-            if keys[s] == k:
-                slot = s
-                break
-            pos = (pos + 1) & mask
+        pos, slot = _find(buckets, keys, gone[i], mask)
         if slot < 0:
             continue
         free[meta[2]] = slot
