@@ -56,8 +56,6 @@ class VersionCut:
 @dataclass
 class PublisherStats:
     published_version: int = 0
-    published_at: float = 0.0
-    last_write_s: float = 0.0
     last_bytes: int = 0
     snapshot_bytes: int = 0  # size of the newest snapshot
     delta_bytes_since_snapshot: int = 0
@@ -239,8 +237,6 @@ class Publisher:
         with self._lock:
             self.stats.durable.append((m.version, cut.cursors))
             self.stats.published_version = m.version
-            self.stats.published_at = time.time()
-            self.stats.last_write_s = elapsed
             self.stats.last_bytes = sum(sizes.values())
             if Kind.SNAPSHOT in sizes:
                 self.stats.snapshot_bytes = sizes[Kind.SNAPSHOT]

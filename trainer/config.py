@@ -37,7 +37,6 @@ class TrainerConfig(BaseModel):
     # the other cores to the ingest process and the publisher's writer; OpenMP threads that
     # spin on an oversubscribed machine cost more than they give at these batch sizes.
     torch_threads: int = Field(default=1, ge=0)
-    consumer_group: str = "freshrec-trainer"
     # Prometheus metrics of the trainer process are served on this port (0: not served).
     metrics_port: int = Field(default=9100, ge=0)
     metrics_host: str = "127.0.0.1"

@@ -29,7 +29,7 @@ import queue
 import time
 import traceback
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -38,7 +38,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from stream.config import KafkaConfig
 from stream.sample import Features, Sample, SampleCodec
 from stream.schema import FeatureSchema
-from trainer.batch import Batch, BatchArrays, build_batch
+from trainer.batch import Batch, BatchArrays
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +62,16 @@ class DeadLetter:
 class MicroBatch:
     """The valid samples of a run of messages, and how far the stream is read once learned.
 
-    The trainer reads `batch` (built off the training thread); `samples` gives the same
-    samples as `Sample` objects, made on first use, for code that wants objects."""
+    The trainer reads `batch` (built off the training thread, in the ingest process);
+    `samples` shows the same samples as `Sample` objects, for tests and tools."""
 
-    def __init__(self, samples: list[Sample] | None = None, next_offsets: dict[int, int] | None = None,
-                 produced_ms: list[int] | np.ndarray | None = None, *, arrays: BatchArrays | None = None,
-                 event_times: np.ndarray | None = None, schema: FeatureSchema | None = None) -> None:
+    def __init__(self, next_offsets: dict[int, int], produced_ms: np.ndarray, *, arrays: BatchArrays | None,
+                 event_times: np.ndarray) -> None:
         # Next offset to read per partition once this batch is learned (Kafka's commit convention).
-        self.next_offsets: dict[int, int] = dict(next_offsets or {})
+        self.next_offsets: dict[int, int] = dict(next_offsets)
         # Kafka record timestamps (ms) of the batch's samples: when they were produced.
-        self.produced_ms = np.asarray(produced_ms if produced_ms is not None else [], dtype=np.int64)
-        self._samples = samples
-        self._schema = schema
+        self.produced_ms = np.asarray(produced_ms, dtype=np.int64)
         self.arrays = arrays
-        if event_times is None:
-            event_times = [s.event_time for s in samples or ()]
         self.event_times = np.asarray(event_times, dtype=np.float64)
 
     def __len__(self) -> int:
@@ -84,21 +79,12 @@ class MicroBatch:
 
     @property
     def samples(self) -> list[Sample]:
-        if self._samples is None:
-            self._samples = _samples_from_arrays(self.arrays, self.event_times) if self.arrays is not None else []
-        return self._samples
+        return _samples_from_arrays(self.arrays, self.event_times) if self.arrays is not None else []
 
     @property
     def batch(self) -> Batch | None:
         """The model's input with labels; None when every message was dead-lettered."""
-        if len(self) == 0:
-            return None
-        if self.arrays is None:
-            if self._schema is None:
-                raise ValueError("a MicroBatch made from samples needs its schema to build a batch")
-            self.arrays = BatchArrays.from_batch(build_batch(self._schema, [s.features for s in self.samples],
-                                                             [s.label for s in self.samples]))
-        return self.arrays.to_batch()
+        return self.arrays.to_batch() if self.arrays is not None and len(self) else None
 
     @property
     def watermark(self) -> float:
@@ -277,7 +263,6 @@ class _Chunk:
     dead: list[DeadLetter]
     highwater: dict[int, int]
     messages: int
-    decoded_at: float = field(default_factory=time.monotonic)
 
 
 class _Batcher:
@@ -432,8 +417,7 @@ class KafkaSampleSource:
             self._dead_letter(d)
         self.positions.update(chunk.next_offsets)
         self._highwater.update(chunk.highwater)
-        return MicroBatch(None, dict(self.positions), chunk.produced_ms, arrays=chunk.arrays,
-                          event_times=chunk.event_times, schema=self.codec.schema)
+        return MicroBatch(self.positions, chunk.produced_ms, arrays=chunk.arrays, event_times=chunk.event_times)
 
     def _next_chunk(self) -> _Chunk | None:
         if self._batcher is not None:
