@@ -28,10 +28,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import count
 
-import orjson
 
 from stream.producer import Keyed
-from stream.sample import InvalidSample
+from stream.sample import InvalidSample, parse_object
 
 REQUEST_ID = "request_id"
 ITEM_ID = "item_id"
@@ -63,18 +62,6 @@ def join_key(request_id: str, item_id: str) -> bytes:
     return f"{request_id}\x1f{item_id}".encode()
 
 
-def _object(raw: bytes, max_bytes: int) -> dict:
-    if len(raw) > max_bytes:
-        raise BadEvent("oversized", f"{len(raw)} bytes > {max_bytes}")
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise BadEvent("malformed_json", str(e)) from None
-    if not isinstance(obj, dict):
-        raise BadEvent("not_an_object", type(obj).__name__)
-    return obj
-
-
 def _id(obj: dict, name: str) -> str:
     v = obj.get(name)
     if v is None or v == "":
@@ -96,7 +83,7 @@ def _ts(obj: dict) -> float:
 
 
 def parse_impression(raw: bytes, max_bytes: int = 64 * 1024) -> Impression:
-    obj = _object(raw, max_bytes)
+    obj = parse_object(raw, max_bytes, BadEvent)
     request_id, item_id, ts = _id(obj, REQUEST_ID), _id(obj, ITEM_ID), _ts(obj)
     features = obj.get(FEATURES)
     if features is None:
@@ -107,7 +94,7 @@ def parse_impression(raw: bytes, max_bytes: int = 64 * 1024) -> Impression:
 
 
 def parse_click(raw: bytes, max_bytes: int = 64 * 1024) -> Click:
-    obj = _object(raw, max_bytes)
+    obj = parse_object(raw, max_bytes, BadEvent)
     return Click(_id(obj, REQUEST_ID), _id(obj, ITEM_ID), _ts(obj))
 
 
