@@ -16,23 +16,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from trainer.embedding.keyindex import hash64
+
 _EMPTY = np.int64(-1)
 _MAX_LOAD = 0.5  # serving reads far more than it writes: short probe chains are worth the memory
-
-_M1 = np.uint64(0xFF51AFD7ED558CCD)
-_M2 = np.uint64(0xC4CEB9FE1A85EC53)
-_S33 = np.uint64(33)
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _home(key: np.int64, mask: np.int64) -> np.int64:
-    x = np.uint64(key)
-    x ^= x >> _S33
-    x *= _M1
-    x ^= x >> _S33
-    x *= _M2
-    x ^= x >> _S33
-    return np.int64(x & np.uint64(mask))
+    return np.int64(hash64(key) & np.uint64(mask))  # the trainer's key hash
 
 
 @njit(cache=True, nogil=True, inline="always")
