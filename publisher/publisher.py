@@ -140,15 +140,15 @@ class Publisher:
             payloads[Kind.DELTA] = Payload(Kind.DELTA, version, version - 1, serving, lossy)
             payloads[Kind.TRAIN_DELTA] = Payload(Kind.TRAIN_DELTA, version, version - 1, training)
         if self._first or self._snapshot_due(version):
-            serving = dict(dense)
+            serving, training = dict(dense), dict(trainer_state)
             for name, table in learner.sparse.tables.items():
-                full = table.changes_since(0)
-                serving |= {f"table/{name}/keys": full.keys, f"table/{name}/values": full.values,
+                state = table.state_dict()  # one copy of the rows serves both snapshots
+                training |= table_snapshot_arrays(name, state)
+                serving |= {f"table/{name}/keys": state["keys"], f"table/{name}/values": state["values"],
                             f"table/{name}/default": np.array(table.config.default_value, dtype=np.float32)}
-                cursors.setdefault(name, full.cursor)
+                cursors.setdefault(name, table.mark())
             payloads[Kind.SNAPSHOT] = Payload(Kind.SNAPSHOT, version, 0, serving, lossy)
-            payloads[Kind.TRAIN_SNAPSHOT] = Payload(Kind.TRAIN_SNAPSHOT, version, 0,
-                                                    trainer_state | table_snapshot_arrays(learner))
+            payloads[Kind.TRAIN_SNAPSHOT] = Payload(Kind.TRAIN_SNAPSHOT, version, 0, training)
         self._cursors.update(cursors)
         self._first = False
         manifest = Manifest(

@@ -45,11 +45,9 @@ def load_learner_arrays(learner: OnlineLearner, arrays: dict[str, np.ndarray]) -
     learner.dense_optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def table_snapshot_arrays(learner: OnlineLearner) -> dict[str, np.ndarray]:
-    out = {}
-    for name, table in learner.sparse.tables.items():
-        out |= {f"table/{name}/{k}": v for k, v in table.state_dict().items()}
-    return out
+def table_snapshot_arrays(name: str, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One table's whole state_dict, named for the train snapshot."""
+    return {f"table/{name}/{k}": v for k, v in state.items()}
 
 
 def load_table_snapshot(learner: OnlineLearner, arrays: dict[str, np.ndarray]) -> None:
