@@ -13,7 +13,6 @@ from fastapi import FastAPI
 from prometheus_client import start_http_server
 
 from freshrec.settings import Settings, load_settings
-from freshrec.status import StatusBoard, TrainerStatusHook
 from publisher.publisher import Publisher
 from publisher.redis_store import RedisVersionStore
 from publisher.restore import restore_learner
@@ -41,8 +40,7 @@ def build_training_loop(settings: Settings) -> TrainingLoop:
             publisher.resume(restored.version, {name: t.mark() for name, t in learner.sparse.tables.items()})
     source = KafkaSampleSource(kafka, SampleCodec(schema), settings.trainer.batch_size,
                                settings.trainer.max_batch_wait_ms, start_offsets=position.offsets)
-    status = TrainerStatusHook(StatusBoard(store.redis, settings.redis), source, publisher)
-    hooks = [publisher, status, MetricsHook(source, learner)]
+    hooks = [publisher, MetricsHook(source, learner)]
     return TrainingLoop(source, learner, hooks, position)
 
 

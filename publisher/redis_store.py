@@ -94,7 +94,7 @@ class RedisVersionStore:
         self.redis.delete(*keys)
 
     def clear(self) -> int:
-        """Delete every key of this model (all versions, the stream, status): a fresh start."""
+        """Delete every key of this model (all versions, the stream, the gate override): a fresh start."""
         keys = list(self.redis.scan_iter(match=self.key("*"), count=1000))
         for i in range(0, len(keys), 1000):
             self.redis.delete(*keys[i:i + 1000])

@@ -9,8 +9,10 @@ trainer publishes a final version first.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
             settings.redis.url = status.redis_url
             if status.started_kafka:
                 _forget_previous_runs(settings)
+        if not settings.trainer.metrics_port:  # the progress line reads the trainer's metrics
+            settings.trainer.metrics_port = _free_port()
         kafka = settings.kafka
         ensure_topics(kafka, [kafka.samples_topic, kafka.dead_letter_topic, kafka.impressions_topic,
                               kafka.clicks_topic], kafka.partitions)
@@ -75,6 +79,12 @@ def _forget_previous_runs(settings: Settings) -> None:
     removed = RedisVersionStore(settings.redis).clear()
     if removed:
         print(f"fresh broker: removed {removed} Redis keys of model {settings.redis.model!r} from an earlier run")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _write_settings(settings: Settings, stack: ExitStack) -> Path:
@@ -127,23 +137,53 @@ class _child:
 
 
 def _watch(settings: Settings, children: list[subprocess.Popen], duration: float | None) -> None:
-    from freshrec.status import StatusBoard
-    from publisher.redis_store import connect
-
-    board = StatusBoard(connect(settings.redis), settings.redis)
-    url = f"http://{settings.serving.host}:{settings.serving.port}/model"
+    trainer_url = f"http://{settings.trainer.metrics_host}:{settings.trainer.metrics_port}/metrics"
+    serving_url = f"http://{settings.serving.host}:{settings.serving.port}/model"
     started = time.monotonic()
     interactive = sys.stdout.isatty()
+    rate = _Rate()
     with httpx.Client(timeout=1.0) as http:
         while duration is None or time.monotonic() - started < duration:
             for child in children:
                 if child.poll() is not None:
                     raise SystemExit(f"{' '.join(child.args[-1:])} exited with code {child.returncode}")
-            line = _progress_line(board.get("trainer"), _serving_info(http, url), time.monotonic() - started)
+            trainer = _trainer_metrics(http, trainer_url)
+            line = _progress_line(trainer, rate(trainer), _serving_info(http, serving_url),
+                                  time.monotonic() - started)
             print(("\r\x1b[2K" if interactive else "") + line, end="" if interactive else "\n", flush=True)
             time.sleep(1.0 if interactive else 5.0)
     if interactive:
         print()
+
+
+def _trainer_metrics(http: httpx.Client, url: str) -> dict[str, float] | None:
+    """The trainer's Prometheus samples, summed over labels (its own metrics endpoint: the
+    progress line reads what operators read, and the trainer writes nothing for it)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = http.get(url).text
+    except httpx.HTTPError:
+        return None
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+class _Rate:
+    """Samples learned per second between two looks."""
+
+    def __init__(self) -> None:
+        self.last: tuple[float, float] | None = None
+
+    def __call__(self, trainer: dict[str, float] | None) -> float:
+        if not trainer:
+            return 0.0
+        now, samples = time.monotonic(), trainer.get("freshrec_trainer_samples_total", 0.0)
+        previous, self.last = self.last, (now, samples)
+        return (samples - previous[1]) / (now - previous[0]) if previous and now > previous[0] else 0.0
 
 
 def _serving_info(http: httpx.Client, url: str) -> dict | None:
@@ -156,16 +196,21 @@ def _serving_info(http: httpx.Client, url: str) -> dict | None:
 def _metric(value: float | None) -> str:
     """AUC is undefined until both labels were seen (through the joiner, negatives come a
     window later than positives)."""
-    return "  n/a " if value is None else f"{value:.4f}"
+    return "  n/a " if value is None or math.isnan(value) else f"{value:.4f}"
 
 
-def _progress_line(trainer: dict | None, serving: dict | None, elapsed: float) -> str:
+def _progress_line(trainer: dict[str, float] | None, samples_per_s: float, serving: dict | None,
+                   elapsed: float) -> str:
     parts = [f"{elapsed:6.0f}s"]
-    if trainer:
-        dead = sum(trainer["dead_letters"].values())
-        parts += [f"trained {trainer['samples']:>9,}", f"{trainer['samples_per_s']:>7,.0f} samples/s",
-                  f"AUC {_metric(trainer['auc'])}", f"logloss {_metric(trainer['log_loss'])}",
-                  f"rows {trainer['live_rows']:>9,}", f"dead {dead}", f"published v{trainer['published_version']}"]
+    samples = (trainer or {}).get("freshrec_trainer_samples_total", 0.0)
+    if samples:
+        t = trainer
+        parts += [f"trained {samples:>9,.0f}", f"{samples_per_s:>7,.0f} samples/s",
+                  f"AUC {_metric(t.get('freshrec_trainer_progressive_auc'))}",
+                  f"logloss {_metric(t.get('freshrec_trainer_progressive_log_loss'))}",
+                  f"rows {t.get('freshrec_trainer_live_rows', 0):>9,.0f}",
+                  f"dead {t.get('freshrec_trainer_dead_letters_total', 0):.0f}",
+                  f"published v{t.get('freshrec_publisher_version', 0):.0f}"]
     else:
         parts.append("trainer starting")
     if serving and serving.get("version") is not None:
