@@ -6,11 +6,13 @@ import argparse
 import json
 
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 
 from freshrec.bench import embedding as bench
 from trainer.embedding import EmbeddingVariable, EmbeddingVariableConfig, EvictionConfig
-from trainer.embedding.pooling import bag_sum, bag_sum_concat, unique_ids
+from trainer.embedding.pooling import RowBuffer, bag_sum, pool_concat, unique_ids
 
 
 def test_bag_sum_matches_torch_indexing_forward_and_backward() -> None:
@@ -74,16 +76,49 @@ def test_unique_ids_agrees_with_numpy() -> None:
     assert unique_ids(np.zeros(0, np.int64))[0].size == 0
 
 
-def test_bag_sum_concat_equals_cat_of_bag_sums() -> None:
+def test_pool_concat_matches_torch_embedding_bag() -> None:
+    """Tables of different dims in one RowBuffer, two features sharing a table, single- and
+    multi-valued bags, sum and mean (with an empty bag): forward and gradients as torch's
+    F.embedding_bag per feature, concatenated."""
     rng = np.random.default_rng(5)
-    rows = [torch.randn(6, 3, requires_grad=True), torch.randn(4, 2, requires_grad=True)]
-    inverses = [rng.integers(0, 6, 7), rng.integers(0, 4, 5)]
-    offsets = [None, np.array([0, 1, 1, 3, 4, 4, 5, 5])]
-    weight = torch.randn(7, 5)
-    (bag_sum_concat(rows, inverses, offsets) * weight).sum().backward()
-    ref_rows = [r.detach().clone().requires_grad_() for r in rows]
-    ref = torch.cat([bag_sum(r, i, o) for r, i, o in zip(ref_rows, inverses, offsets)], 1)
+    shapes = [(6, 3), (4, 2)]
+    buffer = RowBuffer(shapes)
+    for t, (n, d) in enumerate(shapes):
+        buffer.rows(t)[:] = rng.standard_normal((n, d))
+    features = [  # (table, indices, offsets, mean)
+        (0, rng.integers(0, 6, 7), None, False),
+        (1, rng.integers(0, 4, 5), np.array([0, 1, 1, 3, 4, 4, 5, 5]), False),
+        (0, rng.integers(0, 6, 9), np.array([0, 2, 2, 5, 6, 8, 8, 9]), True),
+    ]
+    weight = torch.randn(7, 8)
+    pooled = pool_concat(buffer.values, [buffer.bags(t, i, o, m) for t, i, o, m in features])
+    (pooled * weight).sum().backward()
+    tables = [torch.from_numpy(buffer.rows(t).copy()).requires_grad_() for t in range(len(shapes))]
+    ref = torch.cat([
+        F.embedding_bag(torch.from_numpy(i), tables[t],
+                        torch.arange(i.size) if o is None else torch.from_numpy(o[:-1]), mode="mean" if m else "sum")
+        for t, i, o, m in features], 1)
     (ref * weight).sum().backward()
-    torch.testing.assert_close(bag_sum_concat(rows, inverses, offsets), ref)
-    for r, q in zip(rows, ref_rows):
-        torch.testing.assert_close(r.grad, q.grad)
+    torch.testing.assert_close(pooled, ref)
+    for t in range(len(shapes)):
+        torch.testing.assert_close(buffer.grad(t), tables[t].grad)
+
+
+def test_pool_concat_rejects_indices_outside_the_rows() -> None:
+    buffer = RowBuffer([(3, 2), (2, 2)])
+    with pytest.raises(IndexError):
+        pool_concat(buffer.values, [buffer.bags(0, np.array([0, 3]))])  # row 3 of a 3-row table
+    with pytest.raises(IndexError):
+        pool_concat(buffer.values, [buffer.bags(1, np.array([0, 1]), np.array([0, 1, 3]))])  # offset past the ids
+    with pytest.raises(ValueError):
+        pool_concat(buffer.values, [buffer.bags(0, np.array([0])), buffer.bags(1, np.array([0, 1]))])
+
+
+def test_train_lookup_writes_rows_into_a_given_buffer() -> None:
+    ev = EmbeddingVariable(EmbeddingVariableConfig(name="t", dim=2, initial_capacity=16))
+    buffer = RowBuffer([(1, 2), (3, 2)])
+    rows = ev.train_lookup(np.array([4, 5, 6]), out=buffer.rows(1))
+    np.testing.assert_array_equal(buffer.rows(1), ev.lookup(np.array([4, 5, 6])).numpy())
+    assert rows.data_ptr() == buffer.rows(1).ctypes.data
+    with pytest.raises(ValueError):
+        ev.train_lookup(np.array([4, 5]), out=buffer.rows(1))

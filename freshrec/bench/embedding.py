@@ -25,7 +25,7 @@ from trainer.embedding import (
     EvictionConfig,
     SparseOptimizerConfig,
 )
-from trainer.embedding.pooling import bag_sum_concat, unique_ids
+from trainer.embedding.pooling import RowBuffer, pool_concat, unique_ids
 
 # Random row-wise Adagrad update in C, dim 16, on this machine class (DESIGN.md budget).
 C_LIMIT_ROWS_PER_S = 25e6
@@ -119,16 +119,17 @@ class Freshrec(Engine):
         self.live_rows: list[int] = []
 
     def step(self, s: int) -> None:
-        """unique -> train_lookup -> pooled sum -> loss backward -> apply_gradients, with
-        eviction and a publisher's change cut every publish_every steps."""
-        ids, batch = self.stream.batch(s), []
-        for f, table in enumerate(self.tables):
-            keys, inverse, counts = unique_ids(ids[:, f])
-            batch.append((keys, inverse, table.train_lookup(keys, counts).requires_grad_()))
-        x = bag_sum_concat([rows for _, _, rows in batch], [inverse for _, inverse, _ in batch])
+        """unique -> train_lookup into one row buffer -> pooled sum -> loss backward ->
+        apply_gradients, with eviction and a publisher's change cut every publish_every steps."""
+        ids = self.stream.batch(s)
+        batch = [unique_ids(ids[:, f]) for f in range(len(self.tables))]
+        rows = RowBuffer([(keys.size, self.args.dim) for keys, _, _ in batch])
+        for f, ((keys, _, counts), table) in enumerate(zip(batch, self.tables)):
+            table.train_lookup(keys, counts, out=rows.rows(f))
+        x = pool_concat(rows.values, [rows.bags(f, inverse) for f, (_, inverse, _) in enumerate(batch)])
         _loss(x, self.w, self.y).backward()
-        for (keys, _, rows), table in zip(batch, self.tables):
-            table.apply_gradients(keys, rows.grad, s)
+        for f, ((keys, _, _), table) in enumerate(zip(batch, self.tables)):
+            table.apply_gradients(keys, rows.grad(f), s)
             table.maybe_evict(s)
         if s % self.args.publish_every == 0:
             for f, table in enumerate(self.tables):

@@ -8,18 +8,20 @@ from trainer.embedding.config import (
     SparseOptimizerConfig,
 )
 from trainer.embedding.keyindex import KeyIndex
-from trainer.embedding.pooling import bag_sum, bag_sum_concat, unique_ids
+from trainer.embedding.pooling import Bags, RowBuffer, bag_sum, pool_concat, unique_ids
 from trainer.embedding.variable import EmbeddingVariable, TableChanges
 
 __all__ = [
     "AdmissionConfig",
+    "Bags",
     "EmbeddingVariable",
     "EmbeddingVariableConfig",
     "EvictionConfig",
     "KeyIndex",
+    "RowBuffer",
     "SparseOptimizerConfig",
     "TableChanges",
     "bag_sum",
-    "bag_sum_concat",
+    "pool_concat",
     "unique_ids",
 ]

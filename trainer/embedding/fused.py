@@ -15,7 +15,7 @@ from numba import njit
 from trainer.embedding.admission import observe_one
 from trainer.embedding.kernels import init_row
 from trainer.embedding.keyindex import _SLOT_BITS, _SLOT_MASK, _TAG_SHIFT, claim, hash64, probe
-from trainer.embedding.prefetch import prefetch, prefetch_end
+from trainer.embedding.prefetch import AHEAD, prefetch, prefetch_end
 
 
 @njit(cache=True, inline="always")
@@ -55,20 +55,21 @@ def train_lookup(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta
     dim = values.shape[1]
     mask = np.uint64(table.size - 1)
     a_mask = np.uint64(a_table.size - 1)
-    # Stage 1: every key's home bucket. Stage 2: the rows (and keys) of the tag matches, the
-    # admission buckets of the rest. Stage 3, the work, then finds its lines in cache.
-    for i in range(start, keys.size):
-        prefetch(table, hash64(keys[i]) & mask)
-    for i in range(start, keys.size):
-        slot = _candidate(table, keys[i])
-        if slot >= 0:
-            prefetch(slot_key, slot)
-            prefetch(values, slot)
-            prefetch_end(values, slot)
-        elif a_kind == 1:
-            prefetch(a_table, hash64(keys[i]) & a_mask)
     n_new = 0
     for i in range(start, keys.size):
+        # Software pipeline: the home bucket of the key 2 * AHEAD on, then, its bucket having
+        # arrived, the row (and key) of the key AHEAD on or, if it has none, its admission
+        # bucket: the work on key i then finds its lines in cache.
+        if i + 2 * AHEAD < keys.size:
+            prefetch(table, hash64(keys[i + 2 * AHEAD]) & mask)
+        if i + AHEAD < keys.size:
+            slot = _candidate(table, keys[i + AHEAD])
+            if slot >= 0:
+                prefetch(slot_key, slot)
+                prefetch(values, slot)
+                prefetch_end(values, slot)
+            elif a_kind == 1:
+                prefetch(a_table, hash64(keys[i + AHEAD]) & a_mask)
         key = keys[i]
         pos, slot = probe(table, slot_key, key)
         if slot < 0 and ((i == start and resumed) or observe_one(

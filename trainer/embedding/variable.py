@@ -109,16 +109,22 @@ class EmbeddingVariable:
     # -- training -------------------------------------------------------------------------
 
     @_locked
-    def train_lookup(self, keys: np.ndarray, counts: np.ndarray | None = None) -> torch.Tensor:
-        """Rows of a batch's unique keys, counting sightings and creating admitted rows.
-        Returns a fresh float32 tensor; unadmitted keys read the default value."""
+    def train_lookup(self, keys: np.ndarray, counts: np.ndarray | None = None,
+                     out: np.ndarray | None = None) -> torch.Tensor:
+        """Rows of a batch's unique keys, counting sightings and creating admitted rows;
+        unadmitted keys read the default value. The rows are written to `out` (a C-contiguous
+        float32 [keys, dim] array, e.g. a table's part of a pooling.RowBuffer) or to a fresh
+        array, and returned as a tensor sharing its memory."""
         given = keys
         keys = as_keys(keys)
         n = keys.size
         adds = np.ones(n, np.int64) if counts is None else np.ascontiguousarray(counts, np.int64).reshape(-1)
         slots = np.empty(n, dtype=np.int64)
         new_slots = np.empty(n, dtype=np.int64)
-        out = np.empty((n, self.dim), dtype=np.float32)
+        if out is None:
+            out = np.empty((n, self.dim), dtype=np.float32)
+        elif out.shape != (n, self.dim) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous float32 array of shape {(n, self.dim)}")
         admission = self._admission.kernel_args(n)
         start, grow = 0, 0
         while start < n:
