@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from freshrec.bench import embedding as bench
 from trainer.embedding import EmbeddingVariable, EmbeddingVariableConfig, EvictionConfig
-from trainer.embedding.pooling import RowBuffer, bag_sum, pool_concat, unique_ids
+from trainer.embedding.pooling import RowBuffer, bag_sum, pool_concat, unique_columns, unique_ids
 
 
 def test_bag_sum_matches_torch_indexing_forward_and_backward() -> None:
@@ -74,6 +74,15 @@ def test_unique_ids_agrees_with_numpy() -> None:
     np.testing.assert_array_equal(counts[order], ref_counts)
     np.testing.assert_array_equal(keys[inverse], ids.reshape(-1))
     assert unique_ids(np.zeros(0, np.int64))[0].size == 0
+
+
+def test_unique_columns_is_unique_ids_per_column() -> None:
+    ids = np.random.default_rng(4).integers(-20, 20, size=(50, 3))
+    for c, (keys, inverse, counts) in enumerate(unique_columns(ids)):
+        ref = unique_ids(ids[:, c])
+        for got, want in zip((keys, inverse, counts), ref):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(keys[inverse], ids[:, c])
 
 
 def test_pool_concat_matches_torch_embedding_bag() -> None:

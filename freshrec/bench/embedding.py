@@ -25,7 +25,7 @@ from trainer.embedding import (
     EvictionConfig,
     SparseOptimizerConfig,
 )
-from trainer.embedding.pooling import RowBuffer, pool_concat, unique_ids
+from trainer.embedding.pooling import RowBuffer, pool_concat, unique_columns
 
 # Random row-wise Adagrad update in C, dim 16, on this machine class (DESIGN.md budget).
 C_LIMIT_ROWS_PER_S = 25e6
@@ -119,10 +119,9 @@ class Freshrec(Engine):
         self.live_rows: list[int] = []
 
     def step(self, s: int) -> None:
-        """unique -> train_lookup into one row buffer -> pooled sum -> loss backward ->
+        """unique per feature -> train_lookup into one row buffer -> pooled sum -> loss backward ->
         apply_gradients, with eviction and a publisher's change cut every publish_every steps."""
-        ids = self.stream.batch(s)
-        batch = [unique_ids(ids[:, f]) for f in range(len(self.tables))]
+        batch = unique_columns(self.stream.batch(s))
         rows = RowBuffer([(keys.size, self.args.dim) for keys, _, _ in batch])
         for f, ((keys, _, counts), table) in enumerate(zip(batch, self.tables)):
             table.train_lookup(keys, counts, out=rows.rows(f))

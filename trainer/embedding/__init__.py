@@ -8,7 +8,7 @@ from trainer.embedding.config import (
     SparseOptimizerConfig,
 )
 from trainer.embedding.keyindex import KeyIndex
-from trainer.embedding.pooling import Bags, RowBuffer, bag_sum, pool_concat, unique_ids
+from trainer.embedding.pooling import Bags, RowBuffer, bag_sum, pool_concat, unique_columns, unique_ids
 from trainer.embedding.variable import EmbeddingVariable, TableChanges
 
 __all__ = [
@@ -23,5 +23,6 @@ __all__ = [
     "TableChanges",
     "bag_sum",
     "pool_concat",
+    "unique_columns",
     "unique_ids",
 ]

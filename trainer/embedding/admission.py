@@ -18,7 +18,8 @@ from numba import njit
 
 from trainer.embedding.config import AdmissionConfig
 from trainer.embedding.kernels import elapsed_steps
-from trainer.embedding.keyindex import KeyIndex, claim, hash64, probe, release
+from trainer.embedding.keyindex import KeyIndex, claim, hash64, probe, release, upcoming_slot
+from trainer.embedding.prefetch import AHEAD, prefetch
 
 _SALT = np.int64(0x5BD1E9955BD1E995)
 
@@ -69,6 +70,11 @@ def count_one(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: n
         return True
     if slot < 0:
         slot = claim(table, slot_key, free, meta, key, pos)
+        ahead = upcoming_slot(free, meta, AHEAD)
+        if ahead >= 0:
+            prefetch(slot_key, ahead)
+            prefetch(counts, ahead)
+            prefetch(last_seen, ahead)
     counts[slot] = total
     last_seen[slot] = np.uint32(step & 0xFFFFFFFF)
     return False

@@ -14,7 +14,7 @@ from numba import njit
 
 from trainer.embedding.admission import observe_one
 from trainer.embedding.kernels import init_row
-from trainer.embedding.keyindex import _SLOT_BITS, _SLOT_MASK, _TAG_SHIFT, claim, hash64, probe
+from trainer.embedding.keyindex import _SLOT_BITS, _SLOT_MASK, _TAG_SHIFT, claim, hash64, probe, upcoming_slot
 from trainer.embedding.prefetch import AHEAD, prefetch, prefetch_end
 
 
@@ -78,6 +78,13 @@ def train_lookup(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta
             if meta[0] >= max_size or (meta[2] == 0 and meta[1] >= slot_key.size):
                 return n_new, i  # full: key i is admitted (counted), the next call resumes there
             slot = claim(table, slot_key, free, meta, key, pos)
+            ahead = upcoming_slot(free, meta, AHEAD)
+            if ahead >= 0:
+                prefetch(slot_key, ahead)
+                prefetch(values, ahead)
+                prefetch_end(values, ahead)
+                prefetch(last_step, ahead)
+                prefetch(stamps, ahead)
             init_row(seed_hash, key, std, values, slot)
             last_step[slot] = low
             stamps[slot] = stamp

@@ -312,9 +312,10 @@ def pool_forward(rows: np.ndarray, plan: np.ndarray, ids: np.ndarray, offsets: n
 @njit(cache=True)
 def pool_backward(grad_out: np.ndarray, plan: np.ndarray, ids: np.ndarray, offsets: np.ndarray,
                   grad_rows: np.ndarray) -> None:
-    """The transpose of pool_forward: each row collects the gradients of the bags it is in."""
+    """The transpose of pool_forward: each row collects the gradients of the bags it is in.
+    Its arguments are the ones pool_forward checked (the autograd node's own copies, and a
+    gradient of the forward's shapes), so it does not check them again."""
     n_bags, width = grad_out.shape
-    _check_pool(grad_rows, plan, ids, offsets, n_bags, width)
     grad_rows[:] = 0.0
     flat = grad_out.reshape(-1)
     for b0 in range(0, n_bags, _POOL_BLOCK):
@@ -333,30 +334,39 @@ def pool_backward(grad_out: np.ndarray, plan: np.ndarray, ids: np.ndarray, offse
 
 
 @njit(cache=True)
-def unique(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(keys in first-seen order, inverse, counts) through a throwaway hash table."""
-    n = ids.size
+def unique_columns(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each column's distinct ids, through one throwaway hash table reset per column:
+    (keys, counts, starts, inverse). Column c's keys (in first-seen order) and their counts
+    are keys[starts[c]:starts[c + 1]] and counts[...]; inverse[c, i] is the position of
+    ids[i, c] among them."""
+    n, n_cols = ids.shape
     size = 16
     while size < 2 * n:
         size *= 2
     mask = np.uint64(size - 1)
-    table = np.full(size, -1, dtype=np.int64)
-    keys = np.empty(n, dtype=np.int64)
-    counts = np.zeros(n, dtype=np.int64)
-    inverse = np.empty(n, dtype=np.int64)
+    table = np.empty(size, dtype=np.int64)
+    keys = np.empty(n * n_cols, dtype=np.int64)
+    counts = np.zeros(n * n_cols, dtype=np.int64)
+    starts = np.zeros(n_cols + 1, dtype=np.int64)
+    inverse = np.empty((n_cols, n), dtype=np.int64)
     m = 0
-    for i in range(n):
-        pos = hash64(ids[i]) & mask
-        while True:
-            u = table[pos]
-            if u < 0:
-                table[pos] = m
-                keys[m] = ids[i]
-                u = m
-                m += 1
-            if keys[u] == ids[i]:
-                counts[u] += 1
-                inverse[i] = u
-                break
-            pos = (pos + np.uint64(1)) & mask
-    return keys[:m].copy(), inverse, counts[:m].copy()
+    for c in range(n_cols):
+        table[:] = -1
+        first = m
+        for i in range(n):
+            key = ids[i, c]
+            pos = hash64(key) & mask
+            while True:
+                u = table[pos]
+                if u < 0:
+                    table[pos] = m
+                    keys[m] = key
+                    u = m
+                    m += 1
+                if keys[u] == key:
+                    counts[u] += 1
+                    inverse[c, i] = u - first
+                    break
+                pos = (pos + np.uint64(1)) & mask
+        starts[c + 1] = m
+    return keys[:m], counts[:m], starts, inverse

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from trainer.embedding.prefetch import AHEAD, prefetch
+
 _SLOT_BITS = np.int64(40)
 _SLOT_MASK = np.int64((1 << 40) - 1)
 _TAG_SHIFT = np.uint64(41)
@@ -61,7 +63,10 @@ def probe(table: np.ndarray, slot_key: np.ndarray, key: np.int64) -> tuple[np.in
 
 @njit(cache=True)
 def _get(table: np.ndarray, slot_key: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
+    mask = np.uint64(table.size - 1)
     for i in range(keys.size):
+        if i + AHEAD < keys.size:
+            prefetch(table, hash64(keys[i + AHEAD]) & mask)
         out[i] = probe(table, slot_key, keys[i])[1]
 
 
@@ -80,6 +85,16 @@ def claim(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.nd
     table[pos] = (np.int64(hash64(key) >> _TAG_SHIFT) << _SLOT_BITS) | slot
     meta[0] += 1
     return slot
+
+
+@njit(cache=True, inline="always")
+def upcoming_slot(free: np.ndarray, meta: np.ndarray, k: np.int64) -> np.int64:
+    """The freed slot the k-th claim from now takes if nothing is released meanwhile, or -1
+    when that claim gets a never-used slot. Loops that claim prefetch its lines that many
+    claims early: freed slots are scattered over the table, never-used ones come in order
+    (which the hardware prefetcher follows)."""
+    top = meta[2] - 1 - k
+    return free[top] if top >= 0 else np.int64(-1)
 
 
 @njit(cache=True, inline="always")
@@ -117,7 +132,10 @@ def _put(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.nda
 @njit(cache=True)
 def _remove(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.ndarray,
             keys: np.ndarray, out: np.ndarray) -> None:
+    mask = np.uint64(table.size - 1)
     for i in range(keys.size):
+        if i + AHEAD < keys.size:
+            prefetch(table, hash64(keys[i + AHEAD]) & mask)
         hole, slot = probe(table, slot_key, keys[i])
         out[i] = slot
         if slot >= 0:
