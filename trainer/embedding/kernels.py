@@ -67,6 +67,14 @@ def init_row(seed_hash: np.uint64, key: np.int64, std: np.float32, out: np.ndarr
 
 
 @njit(cache=True)
+def fill_rows(array: np.ndarray, slots: np.ndarray, value: float) -> None:
+    """array[slots] = value, for the optimizer state of new rows: numpy's fancy assignment
+    costs more in setup than the few dozen rows a table creates per step."""
+    for s in slots:
+        array[s] = value
+
+
+@njit(cache=True)
 def gather(values: np.ndarray, slots: np.ndarray, default: np.float32, out: np.ndarray) -> None:
     dim = values.shape[1]
     for i in range(slots.size):

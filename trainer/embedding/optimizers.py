@@ -38,10 +38,7 @@ class SparseOptimizer:
     def init_rows(self, state: dict[str, np.ndarray], slots: np.ndarray) -> None:
         """State of fresh rows: the accumulator's initial value; zero moments and decay count."""
         for name, array in state.items():
-            if name == "accum":
-                array[slots] = self.config.initial_accumulator_value
-            else:
-                array[slots] = 0
+            kernels.fill_rows(array, slots, self.config.initial_accumulator_value if name == "accum" else 0)
 
     def update(self, values: np.ndarray, state: dict[str, np.ndarray], slots: np.ndarray,
                grads: np.ndarray, step: int, last_step: np.ndarray, stamps: np.ndarray, stamp: int) -> None:
