@@ -19,6 +19,7 @@ reason instead of producing a half-applied model.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -101,7 +102,25 @@ def encode(payload: Payload, rows: RowEncoding = RowEncoding.FP32,
     return out
 
 
+@dataclass(frozen=True)
+class Body:
+    """A payload whose header and checksum are verified and whose body is decompressed, its
+    sections not yet read. Verifying and reading are separate so that a serving node can do
+    the first (CPU-heavy, per byte) in a helper process and only the second in its own."""
+
+    kind: Kind
+    version: int
+    base_version: int
+    sections: int
+    raw: memoryview
+
+
 def decode(data: bytes | memoryview) -> Payload:
+    return read_body(verify(data))
+
+
+def verify(data: bytes | memoryview) -> Body:
+    """Header, checksum and decompression: the body of an intact payload, or PayloadError."""
     view = memoryview(data)
     if len(view) < _HEADER.size:
         raise PayloadError(f"payload of {len(view)} bytes is shorter than its header")
@@ -119,8 +138,12 @@ def decode(data: bytes | memoryview) -> Payload:
         payload_kind = Kind(kind)
     except ValueError:
         raise PayloadError(f"unknown payload kind {kind}") from None
-    raw = _decompress(body, compression, raw_len)
-    return Payload(payload_kind, version, base, _read_sections(raw, n_sections))
+    return Body(payload_kind, version, base, n_sections, _decompress(body, compression, raw_len))
+
+
+def read_body(body: Body) -> Payload:
+    """The named arrays of a verified body (views of its memory, not copies)."""
+    return Payload(body.kind, body.version, body.base_version, _read_sections(body.raw, body.sections))
 
 
 def _checksum(header_with_zero_checksum: bytes, body: bytes | memoryview) -> int:
@@ -204,7 +227,7 @@ def _read_sections(body: memoryview, count: int) -> dict[str, np.ndarray]:
 
 def _read_data(body: memoryview, pos: int, name: str, dtype: np.dtype, dims: tuple[int, ...],
                encoding: int) -> tuple[np.ndarray, int]:
-    count = int(np.prod(dims, dtype=np.uint64))
+    count = math.prod(dims)  # exact (no wrap-around): a hostile size runs past the end instead
     if encoding == RowEncoding.FP32:
         nbytes = count * dtype.itemsize
         return np.frombuffer(_slice(body, pos, nbytes), dtype=dtype).reshape(dims), pos + nbytes

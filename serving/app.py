@@ -198,11 +198,21 @@ def create_app(schema: FeatureSchema, trainer_config: TrainerConfig, redis_confi
 
 
 def _warm_up(schema: FeatureSchema, trainer_config: TrainerConfig) -> None:
-    """Compile the table kernels (or load them from numba's cache) before the first request."""
+    """Compile the table kernels (or load them from numba's cache) before the first request,
+    for read-only arguments too: payload arrays are read-only views of the fetcher's memory,
+    and numba compiles a kernel anew for them; and the kernels of a table that grows (a
+    compile holds the GIL for ~0.2-0.5 s: requests would wait for it)."""
     import numpy as np
 
-    table = RowTable.build(np.arange(4, dtype=np.int64), np.zeros((4, 2), np.float32), 0.0)
+    def read_only(a: np.ndarray) -> np.ndarray:
+        a.setflags(write=False)
+        return a
+
+    table = RowTable.build(read_only(np.arange(4, dtype=np.int64)), read_only(np.zeros((4, 2), np.float32)), 0.0)
     table.apply(np.array([9], np.int64), np.ones((1, 2), np.float32), np.array([1], np.int64))
+    table.apply(read_only(np.array([9], np.int64)), read_only(np.ones((1, 2), np.float32)),
+                read_only(np.array([1], np.int64)))
+    table.upsert(read_only(np.arange(100, 164, dtype=np.int64)), read_only(np.ones((64, 2), np.float32)))  # regrows
     table.lookup(np.array([1, 9], np.int64))
     table.copy().items()
     ModelHolder(schema, trainer_config)  # imports the model code paths

@@ -17,8 +17,9 @@ from typing import Callable
 
 import redis
 
-from publisher.payload import Kind, PayloadError, decode
+from publisher.payload import Kind, PayloadError
 from publisher.redis_store import RedisVersionStore
+from serving.fetcher import FetcherDied, PayloadFetcher
 from serving.model import ModelHolder, ServingModel
 from stream.schema import FeatureSchema
 from trainer.config import TrainerConfig
@@ -57,6 +58,7 @@ class VersionFollower:
         self.trainer_config = trainer_config
         self.block_ms = block_ms
         self.holder = ModelHolder(schema, trainer_config)
+        self.fetcher = PayloadFetcher(store.config)  # payload bytes are read in a helper process
         self.health = FollowerHealth()
         self.pinned: int | None = None  # a pinned node stops following until unpinned
         self._on_apply = on_apply
@@ -85,6 +87,7 @@ class VersionFollower:
         self._stop.set()
         if self._thread.ident is not None:
             self._thread.join(timeout=self.block_ms / 1000 + 5)
+        self.fetcher.close()
 
     # ---- the loop ------------------------------------------------------------------
 
@@ -111,7 +114,7 @@ class VersionFollower:
                 with self._lock:
                     self._sync(head)
                 backoff = 0.2
-            except (redis.RedisError, OSError, PayloadError, _Gap) as e:
+            except (redis.RedisError, OSError, PayloadError, FetcherDied, _Gap) as e:
                 self._record_error(e)
                 needs_reload = True
                 self._stop.wait(backoff)
@@ -173,7 +176,7 @@ class VersionFollower:
         assert holder.current is not None
         if manifest.delta is not None and manifest.base_version == holder.current.version:
             started = time.perf_counter()
-            payload = decode(self.store.read_payload(Kind.DELTA, version, manifest.delta))
+            payload = self.fetcher.fetch(Kind.DELTA, version, manifest.delta)
             holder.apply_delta(manifest, payload)
             self._applied("delta", started, manifest.rows_changed + manifest.tombstones)
         elif manifest.snapshot is not None:
@@ -187,7 +190,7 @@ class VersionFollower:
         if manifest is None or manifest.snapshot is None:
             raise _Gap("gap", f"snapshot {version} is not in Redis")
         started = time.perf_counter()
-        payload = decode(self.store.read_payload(Kind.SNAPSHOT, version, manifest.snapshot))
+        payload = self.fetcher.fetch(Kind.SNAPSHOT, version, manifest.snapshot)
         holder.load_snapshot(manifest, payload)
         self._applied("snapshot", started, sum(manifest.live_rows.values()))
 
@@ -251,7 +254,7 @@ class VersionFollower:
             self.pinned = None
             try:
                 self._sync(self.store.head(), reload=True)
-            except (redis.RedisError, OSError, PayloadError, _Gap) as e:
+            except (redis.RedisError, OSError, PayloadError, FetcherDied, _Gap) as e:
                 self._record_error(e)  # the follow loop retries
 
     def _build(self, version: int) -> ModelHolder:

@@ -77,13 +77,22 @@ class _Buffer:
 
     def __init__(self, tables: dict[str, RowTable], dense: nn.Module, version: int) -> None:
         self.tables = tables
-        self.dense = dense
+        self.dense = dense.eval()
+        # The dense parameters and buffers by state_dict name, as arrays over the module's own
+        # memory: a version is copied into them in place (load_state_dict would hold the GIL
+        # for ~1 ms of Python per version, a stall for the requests of the event loop).
+        self.dense_state = {k: v.numpy() for k, v in dense.state_dict().items()}
         self.version = version
         self.readers = 0
         self.lock = threading.Lock()
 
     def clone(self) -> "_Buffer":
         return _Buffer({k: t.copy() for k, t in self.tables.items()}, copy.deepcopy(self.dense), self.version)
+
+    def load_dense(self, state: dict[str, np.ndarray]) -> None:
+        """Copy a checked `_dense_state` into the module (nobody may be reading this buffer)."""
+        for name, target in self.dense_state.items():
+            np.copyto(target, state[name], casting="same_kind")
 
     def claim_for_writing(self, timeout_s: float) -> bool:
         """Marks the buffer as being written once no request reads it (new ones cannot start)."""
@@ -190,9 +199,8 @@ class ModelHolder:
             values = _rows(payload, f"table/{spec.name}/values", len(keys), spec.dim)
             default = float(_array(payload, f"table/{spec.name}/default"))
             tables[spec.name] = RowTable.build(keys, values, default)
-        dense = build_model(self.schema, self.trainer_config)
-        _load_dense(dense, _dense_state(dense, payload))
-        front = _Buffer(tables, dense, manifest.version)
+        front = _Buffer(tables, build_model(self.schema, self.trainer_config), manifest.version)
+        front.load_dense(_dense_state(front, payload))
         # The second buffer now, not at the first delta: copying the tables then would stall requests.
         self._front, self._back, self._pending = front, front.clone(), []
         return self._publish(manifest, front)
@@ -205,7 +213,7 @@ class ModelHolder:
             raise PayloadError(f"delta {payload.version} applies on {payload.base_version}, node has {have}")
         # Check everything before writing anything: a bad delta must leave both buffers usable.
         changes = [self._table_changes(payload, spec.name, spec.dim) for spec in self.schema.tables]
-        dense_state = _dense_state(front.dense, payload)
+        dense_state = _dense_state(front, payload)
 
         back = self._back
         if back is None or not back.claim_for_writing(self.DRAIN_TIMEOUT_S):
@@ -218,7 +226,7 @@ class ModelHolder:
                 back.tables[spec.name].apply(*self._table_changes(delta, spec.name, spec.dim))
         for spec, (keys, values, tombstones) in zip(self.schema.tables, changes):
             back.tables[spec.name].apply(keys, values, tombstones)
-        _load_dense(back.dense, dense_state)
+        back.load_dense(dense_state)
         back.version = manifest.version
         self._front, self._back, self._pending = back, front, [payload]
         return self._publish(manifest, back)
@@ -254,21 +262,15 @@ def _rows(payload: Payload, name: str, n: int, dim: int) -> np.ndarray:
     return values
 
 
-def _dense_state(model: nn.Module, payload: Payload) -> dict[str, torch.Tensor]:
+def _dense_state(buffer: _Buffer, payload: Payload) -> dict[str, np.ndarray]:
+    """The payload's dense parameters, checked against the buffer's (names, shapes, dtypes)."""
     state = {k[len("dense/"):]: v for k, v in payload.arrays.items() if k.startswith("dense/")}
-    expected = model.state_dict()
+    expected = buffer.dense_state
     if state.keys() != expected.keys():
         missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
         raise PayloadError(f"payload {payload.version}: dense parameters differ (missing {missing}, unexpected {extra})")
     for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise PayloadError(f"payload {payload.version}: dense/{k} has shape {v.shape}, "
-                               f"expected {tuple(expected[k].shape)}")
-    return {k: torch.from_numpy(np.array(v, dtype=np.float32 if v.dtype.kind == "f" else v.dtype)) for k, v in
-            state.items()}
-
-
-@torch.no_grad()
-def _load_dense(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    model.load_state_dict(state, strict=True)
-    model.eval()
+        if v.shape != expected[k].shape or not np.can_cast(v.dtype, expected[k].dtype, "same_kind"):
+            raise PayloadError(f"payload {payload.version}: dense/{k} is {v.dtype}{list(v.shape)}, "
+                               f"expected {expected[k].dtype}{list(expected[k].shape)}")
+    return state
