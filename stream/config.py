@@ -47,6 +47,9 @@ class ProducerConfig(BaseModel):
     seed: int = 7
     max_events: int | None = None
     batch_size: int = 500
+    # How samples are written: "json" (the default contract) or "binary" (`stream.binary`: the
+    # trainer's fastest path, ~10x cheaper to decode). The trainer reads both from one topic.
+    sample_format: Literal["json", "binary"] = "json"
 
 
 class JoinerConfig(BaseModel):

@@ -27,6 +27,8 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from stream.config import KafkaConfig
+from stream.sample import InvalidSample, SampleCodec
+from stream.schema import FeatureSchema
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,22 @@ class _Outcomes:
             first = self.errors == 1
         if first:
             log.error("a send failed (further failures are only counted): %r", exc)
+
+
+def encode_samples(schema: FeatureSchema, source: Iterable[bytes | dict], sample_format: str) -> Iterable[bytes | dict]:
+    """Sample dicts in `sample_format`; bytes pass as they are. A dict the binary format cannot
+    hold (it is invalid) goes as JSON, so that the trainer dead-letters it with its reason."""
+    if sample_format == "json":
+        yield from source
+        return
+    codec = SampleCodec(schema)
+    for item in source:
+        if isinstance(item, dict):
+            try:
+                item = codec.encode_binary(item)
+            except InvalidSample:
+                pass
+        yield item
 
 
 def produce(

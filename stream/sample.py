@@ -1,4 +1,5 @@
-"""Samples: one labeled example per Kafka message (JSON), validated against the schema.
+"""Samples: one labeled example per Kafka message (JSON, or the binary format of
+`stream.binary`), validated against the schema.
 
 The codec is the only place that turns untrusted bytes into numbers. Anything it cannot
 accept raises `InvalidSample` with a reason short enough to be a metric label and precise
@@ -22,10 +23,12 @@ from typing import Sequence
 import numpy as np
 import orjson
 
+from stream.binary import NOT_BINARY, REASONS, BinaryColumns, BinarySampleFormat
 from stream.hashing import INT64_MAX, INT64_MIN, hash_string_id
 from stream.schema import DenseTransform, FeatureSchema
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class InvalidSample(ValueError):
@@ -77,6 +80,7 @@ class SampleCodec:
         self._sparse = [(f.name, f.id_type == "string", f.multi, f.max_ids) for f in schema.sparse]
         self._known = None if schema.unknown_fields == "ignore" else frozenset(
             [schema.label, schema.event_time, *schema.dense_names, *schema.sparse_names])
+        self.binary = BinarySampleFormat(schema, max_message_bytes)
 
     def decode(self, raw: bytes) -> Sample:
         return self.from_dict(parse_object(raw, self.max_message_bytes))
@@ -136,12 +140,40 @@ class SampleCodec:
         return tuple(out)
 
     def decode_batch(self, raws: Sequence[bytes]) -> "DecodedBatch":
-        """Decode and validate many messages at once; the same outcome per message as `decode`."""
-        return _BatchDecoder(self).decode(raws)
+        """Decode and validate many messages at once, JSON and binary alike; for JSON the same
+        outcome per message as `decode`."""
+        raws = list(raws)
+        columns, status = self.binary.decode(raws)
+        binary = self._from_binary(columns)
+        binary.errors = [(i, InvalidSample(REASONS[code], self.binary.explain(raws[i], code)))
+                         for i, code in zip(*_refused(status))]
+        json_rows = np.flatnonzero(status == NOT_BINARY)
+        if len(json_rows) == 0:
+            return binary
+        if len(json_rows) == len(raws):
+            return _BatchDecoder(self).decode(raws)
+        return _merge(binary, _BatchDecoder(self).decode([raws[i] for i in json_rows.tolist()]).at_rows(json_rows))
 
     def encode(self, obj: dict) -> bytes:
         """Serialise a sample dict as producers should (compact JSON)."""
         return orjson.dumps(obj)
+
+    def encode_binary(self, obj: dict) -> bytes:
+        """The same sample in the binary format (`stream.binary`); refuses what `decode` would
+        refuse, so a producer cannot write a sample the trainer dead-letters."""
+        sample = self.from_dict(obj)
+        dense = [obj.get(name) for name, _, _ in self._dense]
+        for (name, _, _), v in zip(self._dense, dense):
+            if v is not None and abs(v) > _FLOAT32_MAX:
+                raise InvalidSample("non_finite_dense", f"{name}={v!r} overflows float32")
+        return self.binary.encode(sample.label, sample.event_time, dense, list(sample.features.sparse))
+
+    def _from_binary(self, c: BinaryColumns) -> "DecodedBatch":
+        dense = np.empty_like(c.dense)
+        for j, (_, log1p, default) in enumerate(self._dense):
+            dense[:, j] = _transform_dense(c.dense[:, j], log1p, default)
+        return DecodedBatch(c.rows, c.labels, c.event_times, dense,
+                            [SparseColumn(k, n) for k, n in zip(c.keys, c.lengths)])
 
 
 def _key(name: str, value: object, is_string: bool) -> int:
@@ -204,6 +236,43 @@ class DecodedBatch:
         return [Sample(int(y), float(t), f)
                 for y, t, f in zip(self.labels.tolist(), self.event_times.tolist(), self.features())]
 
+    def at_rows(self, message_index: np.ndarray) -> "DecodedBatch":
+        """This batch with message indices mapped through `message_index` (it decoded a subset)."""
+        self.rows = message_index[self.rows]
+        self.errors = [(int(message_index[i]), e) for i, e in self.errors]
+        return self
+
+
+def _refused(status: np.ndarray) -> tuple[list[int], list[int]]:
+    at = np.flatnonzero(status > NOT_BINARY)
+    return at.tolist(), status[at].tolist()
+
+
+def _transform_dense(x: np.ndarray, log1p: bool, default: float) -> np.ndarray:
+    """A dense column as the model reads it: NaN (absent) -> the default, then the transform."""
+    missing = np.isnan(x)
+    if log1p:
+        x = np.copysign(np.log1p(np.abs(x)), x)
+    return np.where(missing, default, x)
+
+
+def _merge(a: DecodedBatch, b: DecodedBatch) -> DecodedBatch:
+    """Two batches decoded from disjoint messages of one micro-batch, in message order."""
+    order = np.argsort(np.concatenate([a.rows, b.rows]), kind="stable")
+    columns = []
+    for ca, cb in zip(a.sparse, b.sparse):
+        lengths = np.concatenate([ca.lengths, cb.lengths])
+        starts = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        ordered = lengths[order]
+        # keys of row r move from starts[r] to its place in the new order, ids in sequence
+        moved = np.repeat(starts[order] - (np.cumsum(ordered) - ordered), ordered) + np.arange(ordered.sum())
+        columns.append(SparseColumn(np.concatenate([ca.keys, cb.keys])[moved], ordered))
+    return DecodedBatch(np.concatenate([a.rows, b.rows])[order], np.concatenate([a.labels, b.labels])[order],
+                        np.concatenate([a.event_times, b.event_times])[order],
+                        np.concatenate([a.dense, b.dense])[order], columns,
+                        sorted(a.errors + b.errors, key=lambda e: e[0]))
+
 
 class _BatchDecoder:
     """Column checks decide the common case; any row they cannot vouch for is decided by
@@ -260,11 +329,8 @@ class _BatchDecoder:
         dense = np.empty((n, n_dense), dtype=np.float64)
         for j, (_, log1p, default) in enumerate(codec._dense):
             x = self._floats(cols[2 + j], suspect, _NUMBER_OR_NONE)
-            missing = np.isnan(x)
             suspect |= np.isinf(x)
-            if log1p:
-                x = np.copysign(np.log1p(np.abs(x)), x)
-            dense[:, j] = np.where(missing, default, x)
+            dense[:, j] = _transform_dense(x, log1p, default)
 
         sparse: list[list | tuple[np.ndarray, np.ndarray]] = []
         for j, (name, is_string, multi, max_ids) in enumerate(codec._sparse):

@@ -113,11 +113,30 @@ def _samples_from_arrays(arrays: BatchArrays, event_times: np.ndarray) -> list[S
 # -- reading Kafka -----------------------------------------------------------------------------
 
 @dataclass
-class _Record:
-    partition: int
-    offset: int
-    value: bytes
-    timestamp_ms: int
+class _Records:
+    """Polled messages as columns: the hot path never builds an object per message."""
+
+    values: list[bytes]
+    partitions: np.ndarray  # int64
+    offsets: np.ndarray  # int64
+    timestamps_ms: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @classmethod
+    def of(cls, values: list[bytes], partitions: list[int], offsets: list[int], timestamps_ms: list[int]) -> "_Records":
+        return cls(values, np.array(partitions, dtype=np.int64), np.array(offsets, dtype=np.int64),
+                   np.array(timestamps_ms, dtype=np.int64))
+
+    def __add__(self, other: "_Records") -> "_Records":
+        return _Records(self.values + other.values, np.concatenate([self.partitions, other.partitions]),
+                        np.concatenate([self.offsets, other.offsets]),
+                        np.concatenate([self.timestamps_ms, other.timestamps_ms]))
+
+    def next_offsets(self) -> dict[int, int]:
+        """Per partition, the offset after the last message read (Kafka's commit convention)."""
+        return {int(p): int(self.offsets[self.partitions == p].max()) + 1 for p in np.unique(self.partitions)}
 
 
 def confluent_available() -> bool:
@@ -167,14 +186,15 @@ class _ConfluentReader:
         self.consumer.assign([CTopicPartition(self.topic, p, start_offsets.get(p, OFFSET_BEGINNING))
                               for p in partitions])
 
-    def poll(self, max_records: int, timeout_s: float) -> list[_Record]:
-        out = []
-        for m in self.consumer.consume(num_messages=max_records, timeout=max(0.0, timeout_s)):
-            if m.error() is not None:
+    def poll(self, max_records: int, timeout_s: float) -> _Records:
+        messages = self.consumer.consume(num_messages=max_records, timeout=max(0.0, timeout_s))
+        failed = [m for m in messages if m.error() is not None]
+        if failed:
+            for m in failed:
                 log.warning("consume error: %s", m.error())
-                continue
-            out.append(_Record(m.partition(), m.offset(), m.value() or b"", m.timestamp()[1]))
-        return out
+            messages = [m for m in messages if m.error() is None]
+        return _Records.of([m.value() or b"" for m in messages], [m.partition() for m in messages],
+                           [m.offset() for m in messages], [m.timestamp()[1] for m in messages])
 
     def highwater(self) -> dict[int, int]:
         from confluent_kafka import TopicPartition as CTopicPartition
@@ -213,10 +233,11 @@ class _KafkaPythonReader:
             else:
                 self.consumer.seek_to_beginning(tp)
 
-    def poll(self, max_records: int, timeout_s: float) -> list[_Record]:
+    def poll(self, max_records: int, timeout_s: float) -> _Records:
         records = self.consumer.poll(timeout_ms=max(0, int(timeout_s * 1000)), max_records=max_records)
-        return [_Record(tp.partition, m.offset, m.value or b"", m.timestamp)
-                for tp, messages in records.items() for m in messages]
+        messages = [(tp.partition, m) for tp, ms in records.items() for m in ms]
+        return _Records.of([m.value or b"" for _, m in messages], [p for p, _ in messages],
+                           [m.offset for _, m in messages], [m.timestamp for _, m in messages])
 
     def highwater(self) -> dict[int, int]:
         """From the fetch responses (Tansu's ListOffsets answer is not reliable; these are)."""
@@ -262,7 +283,6 @@ class _Chunk:
     next_offsets: dict[int, int]  # past every message of the chunk
     dead: list[DeadLetter]
     highwater: dict[int, int]
-    messages: int
 
 
 class _Batcher:
@@ -278,7 +298,7 @@ class _Batcher:
     def next_chunk(self, idle_timeout_s: float) -> _Chunk | None:
         """None when nothing arrived within idle_timeout_s."""
         records = self.reader.poll(self.batch_size, idle_timeout_s)
-        if not records:
+        if not len(records):
             return None
         deadline = time.monotonic() + self.max_wait_s
         while len(records) < self.batch_size:
@@ -288,19 +308,13 @@ class _Batcher:
             records += self.reader.poll(self.batch_size - len(records), remaining)
         return self.decode(records)
 
-    def decode(self, records: list[_Record]) -> _Chunk:
-        decoded = self.codec.decode_batch([r.value for r in records])
-        dead = [DeadLetter(records[i].value, e.reason, e.detail, self.topic, records[i].partition, records[i].offset)
-                for i, e in decoded.errors]
-        next_offsets: dict[int, int] = {}
-        for r in records:
-            if r.offset + 1 > next_offsets.get(r.partition, -1):
-                next_offsets[r.partition] = r.offset + 1
+    def decode(self, records: _Records) -> _Chunk:
+        decoded = self.codec.decode_batch(records.values)
+        dead = [DeadLetter(records.values[i], e.reason, e.detail, self.topic, int(records.partitions[i]),
+                           int(records.offsets[i])) for i, e in decoded.errors]
         arrays = BatchArrays.from_decoded(self.codec.schema, decoded) if len(decoded) else None
-        produced = np.fromiter((records[i].timestamp_ms for i in decoded.rows.tolist()), dtype=np.int64,
-                               count=len(decoded))
-        return _Chunk(arrays, decoded.event_times, produced, next_offsets, dead, self.reader.highwater(),
-                      len(records))
+        return _Chunk(arrays, decoded.event_times, records.timestamps_ms[decoded.rows], records.next_offsets(), dead,
+                      self.reader.highwater())
 
 
 def _ingest_main(kafka: KafkaConfig, schema: FeatureSchema, max_message_bytes: int, batch_size: int,

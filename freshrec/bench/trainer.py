@@ -1,7 +1,8 @@
 """Trainer throughput from Kafka against the bare in-memory training step, per model.
 
 For each model (DLRM, DeepFM, Wide & Deep, DCN-v2), on the same N synthetic Criteo-shaped
-samples, in one run:
+samples, in one run, with the samples on Kafka in each format (`--formats`: JSON, the
+default contract, and the binary format of `stream.binary`):
 
 - in memory: the training step alone (`OnlineLearner.learn`, progressive metrics included)
   on micro-batches decoded before the clock starts; measured before and after the Kafka
@@ -24,9 +25,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import orjson
 
 MODELS = ["dlrm", "deepfm", "wide_deep", "dcn_v2"]
+FORMATS = ["json", "binary"]
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-wait-ms", type=int, default=100, help="micro-batch time bound")
     parser.add_argument("--warmup", type=int, default=5, help="untimed micro-batches first")
     parser.add_argument("--partitions", type=int, default=2)
+    parser.add_argument("--formats", default=",".join(FORMATS),
+                        help="sample formats on Kafka, comma-separated, from " + ",".join(FORMATS))
     parser.add_argument("--ingest", choices=["process", "inline"], default="process",
                         help="decode in a separate process (default) or on the training thread")
     parser.add_argument("--client", choices=["auto", "confluent", "kafka-python"], default="auto",
@@ -156,38 +159,48 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         raise SystemExit(f"unknown models: {unknown}")
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if not formats or set(formats) - set(FORMATS):
+        raise SystemExit(f"formats must be from {FORMATS}")
     schema = load_schema("criteo")
     samples = SyntheticStream(schema, seed=args.seed).take(args.samples)
-    messages = [orjson.dumps(s) for s in samples]
     codec = SampleCodec(schema)
-    batches = []
-    for i in range(0, len(messages), args.batch):
-        batches.append(build_batch_from_columns(schema, codec.decode_batch(messages[i:i + args.batch])))
+    encoded = {"json": [codec.encode(s) for s in samples]} if "json" in formats else {}
+    if "binary" in formats:
+        encoded["binary"] = [codec.encode_binary(s) for s in samples]
+    first = encoded[formats[0]]
+    batches = [build_batch_from_columns(schema, codec.decode_batch(first[i:i + args.batch]))
+               for i in range(0, len(first), args.batch)]
 
     def bench(kafka: KafkaConfig) -> list[dict]:
-        topic = f"bench-trainer-{int(time.time() * 1000)}"
-        kafka = kafka.model_copy(update={"samples_topic": topic, "dead_letter_topic": topic + "-dead",
-                                         "partitions": args.partitions})
-        ensure_topics(kafka, [kafka.samples_topic, kafka.dead_letter_topic])
-        produce_rate = _produce(kafka, messages)
-        print(f"{len(messages)} samples ({np.mean([len(m) for m in messages]):.0f} bytes each) produced to "
-              f"{kafka.samples_topic} at {produce_rate:,.0f}/s; batch {args.batch}, torch threads {args.threads}, "
-              f"ingest {args.ingest}", flush=True)
+        topics = {}
+        for fmt in formats:
+            topic = f"bench-trainer-{fmt}-{int(time.time() * 1000)}"
+            topics[fmt] = kafka.model_copy(update={"samples_topic": topic, "dead_letter_topic": topic + "-dead",
+                                                   "partitions": args.partitions})
+            ensure_topics(topics[fmt], [topic, topic + "-dead"])
+            messages = encoded[fmt]
+            rate = _produce(topics[fmt], messages)
+            print(f"{len(messages)} samples as {fmt} ({np.mean([len(m) for m in messages]):.0f} bytes each) "
+                  f"produced to {topic} at {rate:,.0f}/s", flush=True)
+        print(f"batch {args.batch}, torch threads {args.threads}, ingest {args.ingest}", flush=True)
         rows = []
         for model in models:
             config = TrainerConfig(model=model, batch_size=args.batch, max_batch_wait_ms=args.max_wait_ms,
                                    metrics_port=0, seed=args.seed)
             before = _in_memory(schema, config, batches, args.warmup)
-            kafka_run = _from_kafka(schema, config, kafka, len(messages), args)
+            runs = {fmt: _from_kafka(schema, config, topics[fmt], len(samples), args) for fmt in formats}
             after = _in_memory(schema, config, batches, args.warmup)
             memory = (before + after) / 2
-            rows.append({"model": model, "in_memory_per_s": round(memory), "in_memory_spread": round(abs(before - after)),
-                         "kafka_per_s": round(kafka_run["rate"]), "ratio": round(kafka_run["rate"] / memory, 3),
-                         "learned": kafka_run["learned"], "dead_letters": kafka_run["dead_letters"],
-                         "client": kafka_run["client"], "source_startup_s": round(kafka_run["startup_s"], 2)})
-            r = rows[-1]
-            print(f"  {model:<10} in memory {r['in_memory_per_s']:>9,}/s (±{r['in_memory_spread'] / 2:,.0f})   "
-                  f"from Kafka {r['kafka_per_s']:>9,}/s   ratio {r['ratio']:.2f}", flush=True)
+            row = {"model": model, "in_memory_per_s": round(memory), "in_memory_spread": round(abs(before - after))}
+            for fmt, r in runs.items():
+                row[fmt] = {"kafka_per_s": round(r["rate"]), "ratio": round(r["rate"] / memory, 3),
+                            "learned": r["learned"], "dead_letters": r["dead_letters"], "client": r["client"],
+                            "source_startup_s": round(r["startup_s"], 2)}
+            rows.append(row)
+            print(f"  {model:<10} in memory {memory:>9,.0f}/s (±{abs(before - after) / 2:,.0f})   from Kafka " +
+                  "   ".join(f"{fmt} {row[fmt]['kafka_per_s']:>8,}/s ({row[fmt]['ratio']:.2f})" for fmt in formats),
+                  flush=True)
         return rows
 
     if args.bootstrap:
@@ -200,13 +213,15 @@ def run(args: argparse.Namespace) -> int:
                 rows = bench(KafkaConfig(bootstrap_servers=status.kafka_bootstrap))
 
     print()
-    print("| model | in-memory step (samples/s) | whole path from Kafka (samples/s) | ratio |")
-    print("|---|---:|---:|---:|")
+    print("| model | in-memory step (samples/s) | " + " | ".join(
+        f"from Kafka, {fmt} (samples/s) | ratio {fmt}" for fmt in formats) + " |")
+    print("|---|---:|" + "---:|---:|" * len(formats))
     for r in rows:
-        print(f"| {r['model']} | {r['in_memory_per_s']:,} | {r['kafka_per_s']:,} | {r['ratio']:.2f} |")
-    result = {"benchmark": "trainer", "samples": len(messages), "batch": args.batch, "ingest": args.ingest,
+        print(f"| {r['model']} | {r['in_memory_per_s']:,} | " + " | ".join(
+            f"{r[fmt]['kafka_per_s']:,} | {r[fmt]['ratio']:.2f}" for fmt in formats) + " |")
+    result = {"benchmark": "trainer", "samples": len(samples), "batch": args.batch, "ingest": args.ingest,
               "threads": args.threads, "models": rows,
-              "min_ratio": min(r["ratio"] for r in rows) if rows else None}
+              "min_ratio": {fmt: min(r[fmt]["ratio"] for r in rows) for fmt in formats} if rows else None}
     print(json.dumps(result))
-    ok = all(r["learned"] == len(messages) for r in rows)
+    ok = all(r[fmt]["learned"] == len(samples) for r in rows for fmt in formats)
     return 0 if ok else 1

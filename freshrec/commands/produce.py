@@ -19,6 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                              "else forever / to the end of the file)")
     p.add_argument("--source", default="synthetic", help="'synthetic' or the path of a file to replay")
     p.add_argument("--format", choices=["criteo", "jsonl"], help="file format (default: from the extension)")
+    p.add_argument("--sample-format", choices=["json", "binary"],
+                   help="how samples are written (default: producer.sample_format); the trainer reads both")
     p.add_argument("--topic", help="target topic (default: kafka.samples_topic)")
     p.add_argument("--seed", type=int, help="synthetic stream seed (default: producer.seed)")
     p.add_argument("--events", choices=["samples", "raw"], default="samples",
@@ -85,14 +87,19 @@ def raw_events(settings: Settings, seed: int | None, count: int | None, click_de
 
 
 def _source(args: argparse.Namespace, settings: Settings) -> Iterable[dict | bytes]:
+    from stream.producer import encode_samples
+
+    schema = settings.feature_schema()
     if args.source == "synthetic":
         from stream.synthetic import SyntheticStream
 
         seed = settings.producer.seed if args.seed is None else args.seed
-        return SyntheticStream(settings.feature_schema(), seed=seed)
-    from stream.replay import replay
+        samples = SyntheticStream(schema, seed=seed)
+    else:
+        from stream.replay import replay
 
-    return replay(args.source, args.format, schema=settings.feature_schema())
+        samples = replay(args.source, args.format, schema=schema)
+    return encode_samples(schema, samples, args.sample_format or settings.producer.sample_format)
 
 
 def _stop_on_signals() -> threading.Event:

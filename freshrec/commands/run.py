@@ -97,7 +97,7 @@ def _write_settings(settings: Settings, stack: ExitStack) -> Path:
 
 
 def _start_producer(settings: Settings, rate: float, stop: threading.Event, raw: bool = False) -> threading.Thread:
-    from stream.producer import produce
+    from stream.producer import encode_samples, produce
     from stream.synthetic import SyntheticStream
 
     if raw:  # impressions and clicks for the joiner
@@ -105,7 +105,9 @@ def _start_producer(settings: Settings, rate: float, stop: threading.Event, raw:
 
         stream = raw_events(settings, None, None, click_delay_s=min(5.0, settings.joiner.window_s / 4))
     else:
-        stream = SyntheticStream(settings.feature_schema(), seed=settings.producer.seed)
+        schema = settings.feature_schema()
+        stream = encode_samples(schema, SyntheticStream(schema, seed=settings.producer.seed),
+                                settings.producer.sample_format)
     thread = threading.Thread(target=produce, name="producer", daemon=True,
                               kwargs=dict(kafka=settings.kafka, source=stream, rate=rate, stop=stop))
     thread.start()
