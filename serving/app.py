@@ -33,10 +33,11 @@ from serving.api import InvalidRequest, ModelInfo, PredictResponse, RequestParse
 from serving.config import ServingConfig
 from serving.follower import NotRetained, VersionFollower
 from serving.metrics import ServingMetrics, readiness
-from serving.model import ModelHolder
-from serving.table import RowTable
+from serving.shm import SharedArrays, map_read_only
+from serving.table import RowTable, TableView
 from stream.schema import FeatureSchema
 from trainer.config import TrainerConfig
+from trainer.models import build_model
 
 PREDICT_EXAMPLE = {"context": {"I1": 3, "C2": "7a3e"}, "candidates": [{"C1": "a"}, {"C1": "b"}]}
 
@@ -198,24 +199,20 @@ def create_app(schema: FeatureSchema, trainer_config: TrainerConfig, redis_confi
 
 
 def _warm_up(schema: FeatureSchema, trainer_config: TrainerConfig) -> None:
-    """Compile the table kernels (or load them from numba's cache) before the first request,
-    for read-only arguments too: payload arrays are read-only views of the fetcher's memory,
-    and numba compiles a kernel anew for them; and the kernels of a table that grows (a
-    compile holds the GIL for ~0.2-0.5 s: requests would wait for it)."""
+    """Compile the kernels of the request path (or load them from numba's cache) before the
+    first request, for the arrays it really gets: tables mapped read-only from the helper
+    that writes them (numba compiles a kernel anew for read-only arrays, and a compile holds
+    the GIL for ~0.2-0.5 s: requests would wait for it). The helper loads its own kernels, at
+    its own priority."""
     import numpy as np
 
-    def read_only(a: np.ndarray) -> np.ndarray:
-        a.setflags(write=False)
-        return a
-
-    table = RowTable.build(read_only(np.arange(4, dtype=np.int64)), read_only(np.zeros((4, 2), np.float32)), 0.0)
-    table.apply(np.array([9], np.int64), np.ones((1, 2), np.float32), np.array([1], np.int64))
-    table.apply(read_only(np.array([9], np.int64)), read_only(np.ones((1, 2), np.float32)),
-                read_only(np.array([1], np.int64)))
-    table.upsert(read_only(np.arange(100, 164, dtype=np.int64)), read_only(np.ones((64, 2), np.float32)))  # regrows
-    table.lookup(np.array([1, 9], np.int64))
-    table.copy().items()
-    ModelHolder(schema, trainer_config)  # imports the model code paths
+    alloc = SharedArrays()
+    table = RowTable.build(np.arange(4, dtype=np.int64), np.zeros((4, 2), np.float32), 0.0, alloc.zeros)
+    arrays = table.lookup_arrays()
+    fds = alloc.take_new(list(arrays.values()))
+    mapped = {name: map_read_only(fd, a.shape, a.dtype) for (name, a), fd in zip(arrays.items(), fds)}
+    TableView(0.0, mapped).lookup(np.array([1, 9], np.int64))
+    build_model(schema, trainer_config)  # imports the model code paths
 
 
 def admin_refusal(token: str | None, authorization: str) -> HTTPException | None:

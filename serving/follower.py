@@ -17,9 +17,9 @@ from typing import Callable
 
 import redis
 
-from publisher.payload import Kind, PayloadError
+from publisher.payload import PayloadError
 from publisher.redis_store import RedisVersionStore
-from serving.fetcher import FetcherDied, PayloadFetcher
+from serving.applier import ApplierDied
 from serving.model import ModelHolder, ServingModel
 from stream.schema import FeatureSchema
 from trainer.config import TrainerConfig
@@ -57,8 +57,7 @@ class VersionFollower:
         self.schema = schema
         self.trainer_config = trainer_config
         self.block_ms = block_ms
-        self.holder = ModelHolder(schema, trainer_config)
-        self.fetcher = PayloadFetcher(store.config)  # payload bytes are read in a helper process
+        self.holder = ModelHolder(schema, trainer_config, store.config)
         self.health = FollowerHealth()
         self.pinned: int | None = None  # a pinned node stops following until unpinned
         self._on_apply = on_apply
@@ -87,7 +86,7 @@ class VersionFollower:
         self._stop.set()
         if self._thread.ident is not None:
             self._thread.join(timeout=self.block_ms / 1000 + 5)
-        self.fetcher.close()
+        self.holder.close()
 
     # ---- the loop ------------------------------------------------------------------
 
@@ -114,7 +113,7 @@ class VersionFollower:
                 with self._lock:
                     self._sync(head)
                 backoff = 0.2
-            except (redis.RedisError, OSError, PayloadError, FetcherDied, _Gap) as e:
+            except (redis.RedisError, OSError, PayloadError, ApplierDied, _Gap) as e:
                 self._record_error(e)
                 needs_reload = True
                 self._stop.wait(backoff)
@@ -147,6 +146,15 @@ class VersionFollower:
         self.health.last_error_reason = None
 
     def _load_newest(self, head: int) -> None:
+        if self.holder.lost:
+            # Its helper died with the tables: a new holder takes over once it reaches the head,
+            # and until then this one serves what it has.
+            try:
+                self._replace_holder(self._build(head))
+            except NotRetained as e:
+                raise _Gap("gap", str(e)) from None
+            self.health.reloads += 1
+            return
         current = self.current
         if current is not None and current.version == head:
             return
@@ -176,8 +184,7 @@ class VersionFollower:
         assert holder.current is not None
         if manifest.delta is not None and manifest.base_version == holder.current.version:
             started = time.perf_counter()
-            payload = self.fetcher.fetch(Kind.DELTA, version, manifest.delta)
-            holder.apply_delta(manifest, payload)
+            holder.apply_delta(manifest)
             self._applied("delta", started, manifest.rows_changed + manifest.tombstones)
         elif manifest.snapshot is not None:
             self._load_snapshot(holder, version, manifest)
@@ -190,8 +197,7 @@ class VersionFollower:
         if manifest is None or manifest.snapshot is None:
             raise _Gap("gap", f"snapshot {version} is not in Redis")
         started = time.perf_counter()
-        payload = self.fetcher.fetch(Kind.SNAPSHOT, version, manifest.snapshot)
-        holder.load_snapshot(manifest, payload)
+        holder.load_snapshot(manifest)
         self._applied("snapshot", started, sum(manifest.live_rows.values()))
 
     def _applied(self, kind: str, started: float, rows: int) -> None:
@@ -208,6 +214,8 @@ class VersionFollower:
             self.health.redis_ok = False
         elif isinstance(error, PayloadError):
             reason = "payload"
+        elif isinstance(error, ApplierDied):
+            reason = "helper"
         else:
             reason = "internal"
         self.health.last_error = f"{type(error).__name__}: {error}"
@@ -243,7 +251,7 @@ class VersionFollower:
                 raise ValueError(f"rollback to {version}: the node serves {current.version}, "
                                  f"a rollback goes back (pin to go forward)")
             holder = self._build(version)
-            self.holder = holder  # requests already holding the old version finish on it
+            self._replace_holder(holder)
             self.pinned = version
             self.health.reloads += 1
             assert holder.current is not None
@@ -254,7 +262,7 @@ class VersionFollower:
             self.pinned = None
             try:
                 self._sync(self.store.head(), reload=True)
-            except (redis.RedisError, OSError, PayloadError, FetcherDied, _Gap) as e:
+            except (redis.RedisError, OSError, PayloadError, ApplierDied, _Gap) as e:
                 self._record_error(e)  # the follow loop retries
 
     def _build(self, version: int) -> ModelHolder:
@@ -264,13 +272,20 @@ class VersionFollower:
         snapshot = self.store.newest_snapshot(at_or_before=version)
         if snapshot is None:
             raise NotRetained(f"no snapshot at or before version {version} is retained")
-        holder = ModelHolder(self.schema, self.trainer_config)
+        holder = ModelHolder(self.schema, self.trainer_config, self.store.config)
         try:
             self._load_snapshot(holder, snapshot)
             self._catch_up(version, holder)
-        except _Gap as e:
-            raise NotRetained(f"version {version} cannot be rebuilt: {e}") from None
+        except BaseException as e:
+            holder.close()
+            if isinstance(e, _Gap):
+                raise NotRetained(f"version {version} cannot be rebuilt: {e}") from None
+            raise
         return holder
+
+    def _replace_holder(self, holder: ModelHolder) -> None:
+        old, self.holder = self.holder, holder
+        old.close()  # requests already holding its version finish on it: the memory stays mapped
 
 
 class _Gap(Exception):

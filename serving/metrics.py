@@ -36,7 +36,7 @@ class ServingMetrics:
         self.follower_errors = Counter("freshrec_serving_follower_errors",
                                        "why the node could not follow (gap, payload, redis, flushed, internal)",
                                        ["reason"], registry=self.registry)
-        for reason in ("gap", "payload", "redis", "flushed", "internal"):
+        for reason in ("gap", "payload", "redis", "flushed", "helper", "internal"):
             self.follower_errors.labels(reason)
         self._predict_ok = self.requests.labels("/predict", "200")
         self._predict_latency = self.latency.labels("/predict")

@@ -1,21 +1,21 @@
 """Published versions as a serving node holds them: sparse and dense together, double-buffered.
 
-A node keeps two full copies of the parameters (`_Buffer`: one `RowTable` per embedding
-table and one dense module). Requests read the front buffer; the follower applies each
-delta to the back buffer, which no request reads, then swaps. Applying a version costs
-O(rows in the delta), not O(table): each delta is applied twice (once to each buffer),
-never the whole table rebuilt, and the dense module is loaded in place, not deep-copied.
+A node keeps two full copies of the parameters (`_Buffer`: the embedding tables and a dense
+module). Requests read the front buffer; each delta is applied to the back buffer, which no
+request reads, then the two swap. The tables are written by a helper process at the lowest
+CPU priority (`serving/applier.py`) in shared memory this process maps read-only, so
+applying a version costs the request path only the swap and a copy of the (small) dense
+parameters into the back buffer's module.
 
 A request takes a `ServingModel` (a version and the buffer that holds it) and acquires it
 before scoring: the buffer's reader count goes up only while the buffer still holds that
-version, and the follower writes a buffer only when its reader count is zero. So every
-request is answered from exactly one version, sparse and dense together, while deltas
-are being applied, and a reader never waits for a writer.
+version, and the helper is asked to write a buffer only when its reader count is zero. So
+every request is answered from exactly one version, sparse and dense together, while
+deltas are being applied, and a reader never waits for a writer.
 """
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,14 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from publisher.config import RedisConfig
 from publisher.manifest import Manifest
-from publisher.payload import Kind, Payload, PayloadError
-from serving.table import RowTable
+from publisher.payload import PayloadError
+from serving.applier import Applied, Applier
+from serving.table import TableView
 from stream.sample import Features
 from stream.schema import FeatureSchema
 from trainer.config import TrainerConfig
 from trainer.models import build_model
-
 
 @dataclass(frozen=True)
 class SparseInput:
@@ -73,10 +74,13 @@ class StaleVersion(RuntimeError):
 
 
 class _Buffer:
-    """One full copy of the parameters. `version` is what it holds (-1 while being written)."""
+    """One full copy of the parameters: tables mapped from the helper, and a dense module.
+    `version` is what it holds (-1 while it is being written)."""
 
-    def __init__(self, tables: dict[str, RowTable], dense: nn.Module, version: int) -> None:
-        self.tables = tables
+    def __init__(self, id: int, dense: nn.Module, version: int) -> None:
+        self.id = id  # how the helper knows this buffer
+        self.tables: dict[str, TableView] = {}
+        self._arrays: dict[str, dict[str, np.ndarray]] = {}  # table -> its lookup arrays
         self.dense = dense.eval()
         # The dense parameters and buffers by state_dict name, as arrays over the module's own
         # memory: a version is copied into them in place (load_state_dict would hold the GIL
@@ -86,13 +90,18 @@ class _Buffer:
         self.readers = 0
         self.lock = threading.Lock()
 
-    def clone(self) -> "_Buffer":
-        return _Buffer({k: t.copy() for k, t in self.tables.items()}, copy.deepcopy(self.dense), self.version)
-
-    def load_dense(self, state: dict[str, np.ndarray]) -> None:
-        """Copy a checked `_dense_state` into the module (nobody may be reading this buffer)."""
+    def take(self, applied: Applied, defaults: dict[str, float]) -> None:
+        """The version the helper wrote into this buffer (nobody may be reading it): its
+        newly allocated arrays and its dense parameters."""
+        grown = set()
+        for buffer, table, name, array in applied.arrays:
+            if buffer == self.id:
+                self._arrays.setdefault(table, {})[name] = array
+                grown.add(table)
+        for table in grown:
+            self.tables[table] = TableView(defaults[table], self._arrays[table])
         for name, target in self.dense_state.items():
-            np.copyto(target, state[name], casting="same_kind")
+            np.copyto(target, applied.dense[name], casting="same_kind")
 
     def claim_for_writing(self, timeout_s: float) -> bool:
         """Marks the buffer as being written once no request reads it (new ones cannot start)."""
@@ -171,18 +180,24 @@ class ServingModel:
 
 
 class ModelHolder:
-    """The two buffers of a node and the version it serves. Written by one thread at a time
-    (the follower); read by any number of request threads through `current`."""
+    """The two buffers of a node, the version it serves, and the helper that writes the
+    tables. Written by one thread at a time (the follower); read by any number of request
+    threads through `current`. A holder whose helper died (`ApplierDied`) can apply nothing
+    more: the follower builds a new one while this one goes on serving."""
 
     DRAIN_TIMEOUT_S = 5.0
 
-    def __init__(self, schema: FeatureSchema, trainer_config: TrainerConfig) -> None:
+    def __init__(self, schema: FeatureSchema, trainer_config: TrainerConfig, redis_config: RedisConfig) -> None:
         self.schema = schema
         self.trainer_config = trainer_config
         self.current: ServingModel | None = None
         self._front: _Buffer | None = None
         self._back: _Buffer | None = None
-        self._pending: list[Payload] = []  # deltas the back buffer has not had yet
+        self._defaults: dict[str, float] = {}
+        self._next_id = 0
+        dense = build_model(schema, trainer_config).state_dict()
+        self._applier = Applier(redis_config, {t.name: t.dim for t in schema.tables},
+                                {k: (v.numpy().dtype.str, tuple(v.shape)) for k, v in dense.items()})
 
     def acquire(self) -> ServingModel | None:
         """The current version, acquired (release it after scoring); None before the first."""
@@ -191,86 +206,47 @@ class ModelHolder:
             if model is None or model.acquire():
                 return model
 
-    def load_snapshot(self, manifest: Manifest, payload: Payload) -> ServingModel:
-        _expect(payload, Kind.SNAPSHOT, manifest.version)
-        tables = {}
-        for spec in self.schema.tables:
-            keys = _array(payload, f"table/{spec.name}/keys")
-            values = _rows(payload, f"table/{spec.name}/values", len(keys), spec.dim)
-            default = float(_array(payload, f"table/{spec.name}/default"))
-            tables[spec.name] = RowTable.build(keys, values, default)
-        front = _Buffer(tables, build_model(self.schema, self.trainer_config), manifest.version)
-        front.load_dense(_dense_state(front, payload))
-        # The second buffer now, not at the first delta: copying the tables then would stall requests.
-        self._front, self._back, self._pending = front, front.clone(), []
-        return self._publish(manifest, front)
+    def load_snapshot(self, manifest: Manifest) -> ServingModel:
+        if manifest.snapshot is None:
+            raise PayloadError(f"version {manifest.version} has no snapshot")
+        front, back = self._new_buffer(), self._new_buffer()
+        applied = self._applier.load_snapshot(manifest.version, manifest.snapshot, (front.id, back.id))
+        self._defaults = applied.defaults
+        for buffer in (front, back):
+            buffer.take(applied, self._defaults)
+            buffer.version = manifest.version
+        self._front, self._back = front, back
+        return self._publish(manifest, front, applied.live_rows)
 
-    def apply_delta(self, manifest: Manifest, payload: Payload) -> ServingModel:
-        _expect(payload, Kind.DELTA, manifest.version)
+    def apply_delta(self, manifest: Manifest) -> ServingModel:
         front = self._front
-        if front is None or payload.base_version != front.version:
+        if manifest.delta is None or front is None or manifest.base_version != front.version:
             have = front.version if front else None
-            raise PayloadError(f"delta {payload.version} applies on {payload.base_version}, node has {have}")
-        # Check everything before writing anything: a bad delta must leave both buffers usable.
-        changes = [self._table_changes(payload, spec.name, spec.dim) for spec in self.schema.tables]
-        dense_state = _dense_state(front, payload)
-
+            raise PayloadError(f"delta {manifest.version} applies on {manifest.base_version}, node has {have}")
         back = self._back
         if back is None or not back.claim_for_writing(self.DRAIN_TIMEOUT_S):
-            back = front.clone()  # first delta after a snapshot (or a reader that never let go)
-            back.version = -1
-            self._pending = []
-        self._back = None  # until written through, it is neither front nor a known version
-        for delta in self._pending:
-            for spec in self.schema.tables:
-                back.tables[spec.name].apply(*self._table_changes(delta, spec.name, spec.dim))
-        for spec, (keys, values, tombstones) in zip(self.schema.tables, changes):
-            back.tables[spec.name].apply(keys, values, tombstones)
-        back.load_dense(dense_state)
+            back = self._new_buffer()  # a reader never let go: the helper fills a new buffer from the front
+            self._back = back
+        applied = self._applier.apply_delta(manifest.version, manifest.delta, back.id, front.id)
+        back.take(applied, self._defaults)
         back.version = manifest.version
-        self._front, self._back, self._pending = back, front, [payload]
-        return self._publish(manifest, back)
+        self._front, self._back = back, front
+        return self._publish(manifest, back, applied.live_rows)
 
-    def _publish(self, manifest: Manifest, buffer: _Buffer) -> ServingModel:
-        model = ServingModel(manifest, self.schema, buffer, {k: len(t) for k, t in buffer.tables.items()},
-                             time.time())
+    @property
+    def lost(self) -> bool:
+        """Its helper died, and the tables it wrote with it: this holder can apply nothing more."""
+        return self._applier.lost
+
+    def close(self) -> None:
+        """Stops the helper; versions already handed out stay readable."""
+        self._applier.close()
+
+    def _new_buffer(self) -> _Buffer:
+        self._next_id += 1
+        return _Buffer(self._next_id, build_model(self.schema, self.trainer_config), -1)
+
+    def _publish(self, manifest: Manifest, buffer: _Buffer, live_rows: dict[str, int]) -> ServingModel:
+        model = ServingModel(manifest, self.schema, buffer, dict(live_rows), time.time())
         self.current = model  # one reference swap: requests see the old or the new version, whole
         return model
-
-    @staticmethod
-    def _table_changes(payload: Payload, name: str, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        keys = _array(payload, f"table/{name}/keys")
-        return keys, _rows(payload, f"table/{name}/values", len(keys), dim), _array(payload, f"table/{name}/tombstones")
-
-
-def _expect(payload: Payload, kind: Kind, version: int) -> None:
-    if payload.kind is not kind or payload.version != version:
-        raise PayloadError(f"expected {kind.name.lower()} {version}, got {payload.kind.name.lower()} {payload.version}")
-
-
-def _array(payload: Payload, name: str) -> np.ndarray:
-    try:
-        return payload.arrays[name]
-    except KeyError:
-        raise PayloadError(f"payload {payload.version} has no section {name!r}") from None
-
-
-def _rows(payload: Payload, name: str, n: int, dim: int) -> np.ndarray:
-    values = _array(payload, name)
-    if values.ndim != 2 or values.shape != (n, dim):
-        raise PayloadError(f"payload {payload.version}: {name} has shape {values.shape}, expected ({n}, {dim})")
-    return values
-
-
-def _dense_state(buffer: _Buffer, payload: Payload) -> dict[str, np.ndarray]:
-    """The payload's dense parameters, checked against the buffer's (names, shapes, dtypes)."""
-    state = {k[len("dense/"):]: v for k, v in payload.arrays.items() if k.startswith("dense/")}
-    expected = buffer.dense_state
-    if state.keys() != expected.keys():
-        missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-        raise PayloadError(f"payload {payload.version}: dense parameters differ (missing {missing}, unexpected {extra})")
-    for k, v in state.items():
-        if v.shape != expected[k].shape or not np.can_cast(v.dtype, expected[k].dtype, "same_kind"):
-            raise PayloadError(f"payload {payload.version}: dense/{k} is {v.dtype}{list(v.shape)}, "
-                               f"expected {expected[k].dtype}{list(expected[k].shape)}")
-    return state

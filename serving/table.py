@@ -4,14 +4,16 @@ Open addressing with linear probing (keys never collide: the full key is compare
 backward-shift deletion, so probe chains stay short under constant upserts and
 tombstones. Rows live in a dense array indexed by slot; freed slots are reused.
 
-Every kernel is compiled with `nogil=True`: applying a delta of 100k rows or gathering a
-request's rows releases the GIL, so a delta being applied on the follower thread does
-not stall requests on the event loop. The table itself is not thread-safe for writes
-while it is read; `serving.model` keeps two of them (double buffering) and writes only the
-one no request reads.
+A serving node writes its tables in another process (`serving/applier.py`), in arrays of
+shared memory (`RowTable(alloc=SharedArrays().zeros)`), and reads them through a
+`TableView` of the same pages, mapped read-only. A table is not safe to read while it is
+written; the node keeps two of each (double buffering) and writes only those no request
+reads. Every kernel is compiled with `nogil=True`.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 from numba import njit
@@ -20,6 +22,9 @@ from trainer.embedding.keyindex import hash64
 
 _EMPTY = np.int64(-1)
 _MAX_LOAD = 0.5  # serving reads far more than it writes: short probe chains are worth the memory
+LOOKUP_ARRAYS = ("buckets", "keys", "values")  # what a TableView needs of a RowTable
+
+Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]  # a zero-filled array of shape, dtype
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -132,24 +137,35 @@ def _buckets_for(n: int) -> int:
     return 1 << max(4, int(np.ceil(np.log2(max(n, 1) / _MAX_LOAD + 1))))
 
 
-class RowTable:
-    """int64 key -> float32 row of `dim`; absent keys read `default_value`."""
+def _lookup(buckets: np.ndarray, keys: np.ndarray, values: np.ndarray, default: float,
+            query: np.ndarray) -> np.ndarray:
+    query = _as_keys(query)
+    out = np.empty((query.size, values.shape[1]), dtype=np.float32)
+    _gather(buckets, keys, values, query, np.float32(default), out)
+    return out
 
-    def __init__(self, dim: int, default_value: float = 0.0, capacity: int = 16) -> None:
+
+class RowTable:
+    """int64 key -> float32 row of `dim`; absent keys read `default_value`. Its arrays come
+    from `alloc` (numpy's by default; shared memory for a serving node)."""
+
+    def __init__(self, dim: int, default_value: float = 0.0, capacity: int = 16, alloc: Alloc | None = None) -> None:
         capacity = max(int(capacity), 16)
         self.dim = dim
         self.default_value = float(default_value)
-        self._buckets = np.full(_buckets_for(capacity), _EMPTY, dtype=np.int64)
-        self._keys = np.zeros(capacity, dtype=np.int64)
-        self._values = np.zeros((capacity, dim), dtype=np.float32)
-        self._free = np.zeros(capacity, dtype=np.int64)
+        self._alloc: Alloc = alloc or np.zeros
+        self._buckets = self._new_buckets(_buckets_for(capacity))
+        self._keys = self._alloc((capacity,), np.int64)
+        self._values = self._alloc((capacity, dim), np.float32)
+        self._free = self._alloc((capacity,), np.int64)
         self._meta = np.zeros(3, dtype=np.int64)
 
     @classmethod
-    def build(cls, keys: np.ndarray, values: np.ndarray, default_value: float) -> "RowTable":
+    def build(cls, keys: np.ndarray, values: np.ndarray, default_value: float,
+              alloc: Alloc | None = None) -> "RowTable":
         keys = _as_keys(keys)
         # Headroom: new keys in the next deltas should not make the first of them regrow the table.
-        table = cls(values.shape[1] if values.ndim == 2 else 0, default_value, capacity=len(keys) * 5 // 4)
+        table = cls(values.shape[1] if values.ndim == 2 else 0, default_value, len(keys) * 5 // 4, alloc)
         table.upsert(keys, values)
         return table
 
@@ -162,10 +178,11 @@ class RowTable:
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Rows of `keys` [n, dim] (a fresh array: it does not alias the table)."""
-        keys = _as_keys(keys)
-        out = np.empty((keys.size, self.dim), dtype=np.float32)
-        _gather(self._buckets, self._keys, self._values, keys, np.float32(self.default_value), out)
-        return out
+        return _lookup(self._buckets, self._keys, self._values, self.default_value, keys)
+
+    def lookup_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays a `TableView` reads (by `LOOKUP_ARRAYS` name); they change when the table grows."""
+        return {"buckets": self._buckets, "keys": self._keys, "values": self._values}
 
     def upsert(self, keys: np.ndarray, values: np.ndarray) -> None:
         keys = _as_keys(keys)
@@ -192,41 +209,54 @@ class RowTable:
         return keys[order], self._values[slots[order]]
 
     def copy(self) -> "RowTable":
+        """An independent copy, its arrays from the same allocator."""
         other = RowTable.__new__(RowTable)
-        other.dim, other.default_value = self.dim, self.default_value
-        other._buckets = _copy(self._buckets)
-        other._keys = _copy(self._keys)
-        other._values = _copy(self._values)
-        other._free = _copy(self._free)
+        other.dim, other.default_value, other._alloc = self.dim, self.default_value, self._alloc
+        other._buckets = self._grown(self._buckets, self._buckets.shape[0])
+        other._keys = self._grown(self._keys, self._keys.shape[0])
+        other._values = self._grown(self._values, self._values.shape[0])
+        other._free = self._grown(self._free, self._free.shape[0])
         other._meta = self._meta.copy()
         return other
 
     def _reserve(self, n: int) -> None:
         size = int(self._meta[0])
         if size + n > _MAX_LOAD * self._buckets.size:
-            buckets = np.full(_buckets_for(size + n), _EMPTY, dtype=np.int64)
+            buckets = self._new_buckets(_buckets_for(size + n))
             _rehash(self._buckets, buckets, self._keys)
             self._buckets = buckets
         need = int(self._meta[1]) + max(0, n - int(self._meta[2]))
         if need > self._keys.size:
             rows = max(need, int(1.25 * self._keys.size))
-            self._keys = _grown(self._keys, rows)
-            self._values = _grown(self._values, rows)
-            self._free = _grown(self._free, rows)
+            self._keys = self._grown(self._keys, rows)
+            self._values = self._grown(self._values, rows)
+            self._free = self._grown(self._free, rows)
+
+    def _new_buckets(self, n: int) -> np.ndarray:
+        buckets = self._alloc((n,), np.int64)
+        buckets.fill(_EMPTY)
+        return buckets
+
+    def _grown(self, array: np.ndarray, rows: int) -> np.ndarray:
+        """A new array of `rows` rows from the allocator, starting with a copy of `array`."""
+        out = self._alloc((rows,) + array.shape[1:], array.dtype)
+        if array.size:
+            _copy_rows(out, array)
+        return out
 
 
-def _grown(array: np.ndarray, rows: int) -> np.ndarray:
-    out = np.zeros((rows,) + array.shape[1:], dtype=array.dtype)
-    if array.size:
-        _copy_rows(out, array)
-    return out
+class TableView:
+    """Lookups over the arrays of a RowTable that another process writes, mapped read-only
+    (`LOOKUP_ARRAYS`); the writer never writes them while a request reads them."""
 
+    def __init__(self, default_value: float, arrays: dict[str, np.ndarray]) -> None:
+        self.default_value = float(default_value)
+        self.arrays = arrays
+        self._buckets, self._keys, self._values = (arrays[name] for name in LOOKUP_ARRAYS)
 
-def _copy(array: np.ndarray) -> np.ndarray:
-    out = np.empty_like(array)
-    if array.size:
-        _copy_rows(out, array)
-    return out
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Rows of `keys` [n, dim] (a fresh array)."""
+        return _lookup(self._buckets, self._keys, self._values, self.default_value, keys)
 
 
 def _as_keys(keys: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The serving node's tables and double-buffered versions, without Redis or HTTP."""
+"""The serving node's tables, and its double-buffered versions written by the table helper
+process into shared memory (payloads from a real Redis; no HTTP)."""
 
 import threading
 
@@ -6,7 +7,11 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from publisher.manifest import Manifest
-from publisher.payload import Kind, Payload
+import pytest
+
+from publisher.payload import Kind, Payload, PayloadError, encode
+from publisher.redis_store import RedisVersionStore
+from serving.applier import ApplierDied
 from serving.model import Inputs, ModelHolder, SparseInput
 from serving.table import RowTable
 from stream.schema import FeatureSchema
@@ -76,52 +81,75 @@ SCHEMA = FeatureSchema.from_dict({"dense": [{"name": "x"}], "sparse": [{"name": 
 TRAINER = TrainerConfig(bottom_mlp=[8, 4], top_mlp=[8])
 
 
-def manifest(version: int, base: int) -> Manifest:
-    return Manifest(model="m", version=version, base_version=base, global_step=version, topic="t", offsets={},
-                    watermark=0.0, newest_produced_ms=0, created_at=0.0)
+class Versions:
+    """Writes payloads to Redis and hands out their manifests (what the follower reads)."""
+
+    def __init__(self, redis_config) -> None:
+        self.store = RedisVersionStore(redis_config)
+
+    def snapshot(self, version: int, rows: dict[str, dict[int, float]]) -> Manifest:
+        arrays = dense_state(0.01)
+        for name in ("user", "item"):
+            keys = np.array(sorted(rows[name]), dtype=np.int64)
+            arrays[f"table/{name}/keys"] = keys
+            arrays[f"table/{name}/values"] = np.array([[rows[name][k]] * 4 for k in keys], np.float32).reshape(-1, 4)
+            arrays[f"table/{name}/default"] = np.array(0.0, np.float32)
+        return self.write(Payload(Kind.SNAPSHOT, version, 0, arrays))
+
+    def delta(self, version: int, upserts: dict[int, float], tombstones=()) -> Payload:
+        arrays = dense_state(0.01 * version)
+        for name in ("user", "item"):
+            keys = np.array(sorted(upserts), dtype=np.int64)
+            arrays[f"table/{name}/keys"] = keys
+            arrays[f"table/{name}/values"] = np.array([[upserts[k]] * 4 for k in keys], np.float32).reshape(-1, 4)
+            arrays[f"table/{name}/tombstones"] = np.array(sorted(tombstones), np.int64)
+        return Payload(Kind.DELTA, version, version - 1, arrays)
+
+    def write(self, payload: Payload) -> Manifest:
+        m = Manifest(model="m", version=payload.version, base_version=payload.base_version,
+                     global_step=payload.version, topic="t", offsets={}, watermark=0.0, newest_produced_ms=0,
+                     created_at=0.0)
+        m.set_ref(payload.kind, self.store.write_payload(payload.kind, payload.version, encode(payload), 4096))
+        return m
 
 
-def dense_state(holder: ModelHolder, fill: float) -> dict[str, np.ndarray]:
+def dense_state(fill: float) -> dict[str, np.ndarray]:
     from trainer.models import build_model
 
     model = build_model(SCHEMA, TRAINER)
     return {f"dense/{k}": np.full(tuple(v.shape), fill, np.float32) for k, v in model.state_dict().items()}
 
 
-def snapshot(holder, version, rows: dict[str, dict[int, float]]) -> Payload:
-    arrays = dense_state(holder, 0.01)
-    for name in ("user", "item"):
-        keys = np.array(sorted(rows[name]), dtype=np.int64)
-        arrays[f"table/{name}/keys"] = keys
-        arrays[f"table/{name}/values"] = np.array([[rows[name][k]] * 4 for k in keys], np.float32).reshape(-1, 4)
-        arrays[f"table/{name}/default"] = np.array(0.0, np.float32)
-    return Payload(Kind.SNAPSHOT, version, 0, arrays)
+@pytest.fixture
+def versions(redis_config) -> Versions:
+    return Versions(redis_config)
 
 
-def delta(holder, version, upserts: dict[int, float], tombstones=()) -> Payload:
-    arrays = dense_state(holder, 0.01 * version)
-    for name in ("user", "item"):
-        keys = np.array(sorted(upserts), dtype=np.int64)
-        arrays[f"table/{name}/keys"] = keys
-        arrays[f"table/{name}/values"] = np.array([[upserts[k]] * 4 for k in keys], np.float32).reshape(-1, 4)
-        arrays[f"table/{name}/tombstones"] = np.array(sorted(tombstones), np.int64)
-    return Payload(Kind.DELTA, version, version - 1, arrays)
+@pytest.fixture
+def holder(redis_config):
+    h = ModelHolder(SCHEMA, TRAINER, redis_config)
+    yield h
+    h.close()
 
 
-def test_double_buffer_serves_each_version_whole_and_applies_every_delta_to_both_buffers():
-    h = ModelHolder(SCHEMA, TRAINER)
-    h.load_snapshot(manifest(1, 0), snapshot(h, 1, {"user": {1: 1.0, 2: 2.0}, "item": {1: 1.0}}))
+def users(model, keys) -> list[float]:
+    return model.lookup("user", np.array(keys))[:, 0].tolist()
+
+
+def test_double_buffer_serves_each_version_whole_and_applies_every_delta_to_both_buffers(holder, versions):
+    h = holder
+    h.load_snapshot(versions.snapshot(1, {"user": {1: 1.0, 2: 2.0}, "item": {1: 1.0}}))
     v1 = h.current
     assert v1.acquire()  # a request in flight on version 1
-    h.apply_delta(manifest(2, 1), delta(h, 2, {3: 3.0}, tombstones=[1]))
+    h.apply_delta(versions.write(versions.delta(2, {3: 3.0}, tombstones=[1])))
     # The request still reads version 1 exactly, while version 2 is served to new requests.
     np.testing.assert_array_equal(v1._buffer.tables["user"].lookup(np.array([1, 3]))[:, 0], [1.0, 0.0])
-    assert h.current.lookup("user", np.array([1, 3]))[:, 0].tolist() == [0.0, 3.0]
+    assert users(h.current, [1, 3]) == [0.0, 3.0]
     # Version 3 must wait for the version-1 reader (its buffer is the one to write).
     done = threading.Event()
 
     def apply3():
-        h.apply_delta(manifest(3, 2), delta(h, 3, {1: 10.0}))
+        h.apply_delta(versions.write(versions.delta(3, {1: 10.0})))
         done.set()
 
     writer = threading.Thread(target=apply3)
@@ -136,31 +164,74 @@ def test_double_buffer_serves_each_version_whole_and_applies_every_delta_to_both
     try:
         # deltas 2 and 3 both reached this buffer: tombstone of 1 then re-admission, 2 kept, 3 added
         assert v3._buffer.tables["user"].lookup(np.array([1, 2, 3]))[:, 0].tolist() == [10.0, 2.0, 3.0]
+        assert float(v3._buffer.dense_state[next(iter(v3._buffer.dense_state))].flat[0]) == pytest.approx(0.03)
     finally:
         v3.release()
-    h.apply_delta(manifest(4, 3), delta(h, 4, {}))
-    assert h.current.lookup("user", np.array([1, 2, 3]))[:, 0].tolist() == [10.0, 2.0, 3.0]
+    h.apply_delta(versions.write(versions.delta(4, {})))
+    assert users(h.current, [1, 2, 3]) == [10.0, 2.0, 3.0]
+    assert h.current.live_rows == {"user": 3, "item": 2}  # item never had key 2
 
 
-def test_a_bad_delta_changes_nothing():
-    import pytest
+def test_tables_that_grow_are_mapped_anew_in_both_buffers(holder, versions):
+    """A delta far larger than the snapshot makes the helper reallocate the tables of each
+    buffer in turn; the node reads the new arrays, never stale ones."""
+    holder.load_snapshot(versions.snapshot(1, {"user": {1: 1.0}, "item": {1: 1.0}}))
+    many = {k: float(k) for k in range(2, 5000)}
+    holder.apply_delta(versions.write(versions.delta(2, many)))
+    holder.apply_delta(versions.write(versions.delta(3, {1: -1.0})))  # the other buffer: catches up on 2, grows
+    assert users(holder.current, [1, 2, 4999, 5000]) == [-1.0, 2.0, 4999.0, 0.0]
+    holder.apply_delta(versions.write(versions.delta(4, {5000: 7.0})))
+    assert users(holder.current, [1, 2, 4999, 5000]) == [-1.0, 2.0, 4999.0, 7.0]
+    assert holder.current.live_rows["user"] == 5000
 
-    from publisher.payload import PayloadError
 
-    h = ModelHolder(SCHEMA, TRAINER)
-    h.load_snapshot(manifest(1, 0), snapshot(h, 1, {"user": {1: 1.0}, "item": {1: 1.0}}))
-    bad = delta(h, 2, {5: 5.0})
+def test_a_reader_that_never_lets_go_gets_its_buffer_kept_and_a_new_one_is_filled(holder, versions):
+    holder.DRAIN_TIMEOUT_S = 0.05
+    holder.load_snapshot(versions.snapshot(1, {"user": {1: 1.0}, "item": {1: 1.0}}))
+    stuck = holder.current
+    assert stuck.acquire()
+    holder.apply_delta(versions.write(versions.delta(2, {1: 2.0})))
+    holder.apply_delta(versions.write(versions.delta(3, {2: 3.0})))  # version 1's buffer is still read
+    assert stuck._buffer.tables["user"].lookup(np.array([1, 2]))[:, 0].tolist() == [1.0, 0.0]
+    assert users(holder.current, [1, 2]) == [2.0, 3.0]
+    stuck.release()
+    holder.apply_delta(versions.write(versions.delta(4, {3: 4.0})))
+    assert users(holder.current, [1, 2, 3]) == [2.0, 3.0, 4.0]
+
+
+def test_a_bad_delta_changes_nothing(holder, versions):
+    holder.load_snapshot(versions.snapshot(1, {"user": {1: 1.0}, "item": {1: 1.0}}))
+    bad = versions.delta(2, {5: 5.0})
     bad.arrays["table/item/values"] = np.zeros((1, 3), np.float32)
     with pytest.raises(PayloadError, match="shape"):
-        h.apply_delta(manifest(2, 1), bad)
-    assert h.current.version == 1
-    h.apply_delta(manifest(2, 1), delta(h, 2, {5: 5.0}))
-    assert h.current.lookup("user", np.array([1, 5]))[:, 0].tolist() == [1.0, 5.0]
+        holder.apply_delta(versions.write(bad))
+    bad = versions.delta(2, {5: 5.0})
+    bad.arrays["dense/extra"] = np.zeros(1, np.float32)
+    with pytest.raises(PayloadError, match="unexpected"):
+        holder.apply_delta(versions.write(bad))
+    assert holder.current.version == 1
+    holder.apply_delta(versions.write(versions.delta(2, {5: 5.0})))
+    assert users(holder.current, [1, 5]) == [1.0, 5.0]
+    holder.apply_delta(versions.write(versions.delta(3, {6: 6.0})))
+    assert users(holder.current, [1, 5, 6]) == [1.0, 5.0, 6.0]
 
 
-def test_shared_context_bag_scores_like_per_row_bags():
-    h = ModelHolder(SCHEMA, TRAINER)
-    h.load_snapshot(manifest(1, 0), snapshot(h, 1, {"user": {1: 0.5, 2: -0.3}, "item": {1: 1.0, 2: 0.2}}))
+def test_a_dead_helper_leaves_the_served_version_readable(holder, versions):
+    holder.load_snapshot(versions.snapshot(1, {"user": {1: 1.0}, "item": {1: 1.0}}))
+    holder.apply_delta(versions.write(versions.delta(2, {2: 2.0})))
+    holder._applier._process.kill()
+    holder._applier._process.wait()
+    with pytest.raises(ApplierDied):
+        holder.apply_delta(versions.write(versions.delta(3, {3: 3.0})))
+    assert holder.lost
+    with pytest.raises(ApplierDied):  # a new helper would have no tables: never started silently
+        holder.apply_delta(versions.write(versions.delta(3, {3: 3.0})))
+    assert holder.current.version == 2 and users(holder.current, [1, 2, 3]) == [1.0, 2.0, 0.0]
+
+
+def test_shared_context_bag_scores_like_per_row_bags(holder, versions):
+    h = holder
+    h.load_snapshot(versions.snapshot(1, {"user": {1: 0.5, 2: -0.3}, "item": {1: 1.0, 2: 0.2}}))
     import torch
 
     dense = torch.tensor([[0.5], [0.5], [0.5]])

@@ -1,0 +1,105 @@
+"""The table helper process (serving/applier.py) against a real Redis: what it maps into the
+node is the tables it writes; bad bytes and a lost Redis are errors the follower recovers
+from; a helper that dies is replaced by a new holder built from the newest snapshot."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from publisher.config import RedisConfig
+from publisher.payload import Compression, Kind, encode
+from serving.applier import Applier
+from serving.follower import VersionFollower
+from serving.shm import SharedArrays, map_read_only
+from test_serving_model import SCHEMA, TRAINER, Versions, dense_state, users
+
+
+def test_shared_arrays_are_the_same_pages_in_another_mapping_and_handed_over_once():
+    alloc = SharedArrays()
+    kept, dropped = alloc.zeros((3, 2), np.float32), alloc.zeros((5,), np.int64)
+    del dropped  # allocated and dropped before the hand-over: freed then, not handed over
+    (fd,) = alloc.take_new([kept])
+    view = map_read_only(fd, (3, 2), np.float32)
+    kept[1, 1] = 7.0
+    assert view[1, 1] == 7.0 and not view.flags.writeable
+    assert alloc.take_new([kept]) == [None]  # the node has it already
+
+
+def write_chain(versions: Versions) -> None:
+    store = versions.store
+    snapshot = versions.snapshot(1, {"user": {1: 1.0}, "item": {1: 1.0}})
+    store.commit(snapshot)
+    store.commit(versions.write(versions.delta(2, {2: 2.0})))
+
+
+def test_bad_bytes_are_a_payload_error_and_change_nothing(redis_config):
+    from publisher.payload import PayloadError
+    from serving.model import ModelHolder
+
+    versions = Versions(redis_config)
+    holder = ModelHolder(SCHEMA, TRAINER, redis_config)
+    try:
+        holder.load_snapshot(versions.snapshot(1, {"user": {1: 1.0}, "item": {1: 1.0}}))
+        manifest = versions.write(versions.delta(2, {2: 2.0}))
+        versions.store.redis.setrange(versions.store.key("payload", "delta", 2, 0), 100, b"\xff\xfe")
+        with pytest.raises(PayloadError, match="does not match its manifest"):
+            holder.apply_delta(manifest)
+        versions.store.redis.delete(versions.store.key("payload", "delta", 2, 0))
+        with pytest.raises(PayloadError, match="missing chunks"):
+            holder.apply_delta(manifest)
+        assert holder.current.version == 1 and not holder.lost
+        zstd = versions.delta(2, {2: 2.0})
+        manifest = versions.write(zstd)
+        manifest.delta = versions.store.write_payload(Kind.DELTA, 2, encode(zstd, compression=Compression.ZSTD), 4096)
+        holder.apply_delta(manifest)
+        assert users(holder.current, [1, 2]) == [1.0, 2.0]
+    finally:
+        holder.close()
+
+
+def test_unreachable_redis_is_a_redis_error(redis_config):
+    ref = Versions(redis_config).snapshot(1, {"user": {1: 1.0}, "item": {1: 1.0}}).snapshot
+    nowhere = Applier(RedisConfig(url="redis://127.0.0.1:1/0", prefix=redis_config.prefix, model="m"),
+                      {"user": 4, "item": 4}, {k[6:]: ("<f4", v.shape) for k, v in dense_state(0.0).items()})
+    try:
+        with pytest.raises(redis.ConnectionError):
+            nowhere.load_snapshot(1, ref, (1, 2))
+        assert not nowhere.lost
+    finally:
+        nowhere.close()
+
+
+def wait_until(condition, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_follower_whose_helper_died_rebuilds_from_the_snapshot_and_follows_on(redis_config):
+    versions = Versions(redis_config)
+    write_chain(versions)
+    follower = VersionFollower(versions.store, SCHEMA, TRAINER, block_ms=100)
+    follower.start()
+    try:
+        wait_until(lambda: follower.current is not None and follower.current.version == 2, "version 2")
+        old_helper = follower.holder._applier._process
+        old_helper.kill()
+        served = follower.current
+        versions.store.commit(versions.write(versions.delta(3, {3: 3.0})))
+        wait_until(lambda: follower.current.version == 3, "version 3 from a new holder")
+        assert follower.health.reloads == 2 and follower.health.errors == {"helper": 1}
+        assert users(follower.current, [1, 2, 3]) == [1.0, 2.0, 3.0]
+        assert users(served, [1, 2, 3]) == [1.0, 2.0, 0.0]  # still readable: its memory stays mapped
+        assert follower.holder._applier._process.pid != old_helper.pid
+    finally:
+        follower.stop()
+    assert follower.holder._applier._process is None  # stopped with the follower
+    assert not any(name.startswith("freshrec") for name in os.listdir("/dev/shm"))
