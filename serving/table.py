@@ -19,6 +19,7 @@ import numpy as np
 from numba import njit
 
 from trainer.embedding.keyindex import hash64
+from trainer.embedding.prefetch import AHEAD, prefetch, prefetch_end
 
 _EMPTY = np.int64(-1)
 _MAX_LOAD = 0.5  # serving reads far more than it writes: short probe chains are worth the memory
@@ -60,10 +61,22 @@ def _gather(buckets, keys, values, query, default, out):
 
 @njit(cache=True, nogil=True)
 def _upsert(buckets, keys, values, free, meta, new_keys, new_values):
-    """meta = [size, high_water, free_top]."""
+    """meta = [size, high_water, free_top]. Bound by cache misses (bucket, key, row of each
+    random key), so software-pipelined like the trainer's kernels: the bucket of the key
+    2 * AHEAD on is requested, then the key and row of the key AHEAD on (measured here: 196
+    ns/row without, 74-93 with: 1M rows in 26 tables, 100k-row deltas)."""
     mask = np.int64(buckets.size - 1)
     dim = values.shape[1]
-    for i in range(new_keys.size):
+    n = new_keys.size
+    for i in range(n):
+        if i + 2 * AHEAD < n:
+            prefetch(buckets, _home(new_keys[i + 2 * AHEAD], mask))
+        if i + AHEAD < n:
+            ahead = buckets[_home(new_keys[i + AHEAD], mask)]
+            if ahead >= 0:
+                prefetch(keys, ahead)
+                prefetch(values, ahead)
+                prefetch_end(values, ahead)
         k = new_keys[i]
         pos, s = _find(buckets, keys, k, mask)
         if s < 0:
