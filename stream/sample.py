@@ -77,6 +77,8 @@ class SampleCodec:
         self.schema = schema
         self.max_message_bytes = max_message_bytes
         self._dense = [(f.name, f.transform is DenseTransform.LOG1P, f.default) for f in schema.dense]
+        self._dense_log1p = np.array([log1p for _, log1p, _ in self._dense], dtype=bool)
+        self._dense_default = np.array([default for _, _, default in self._dense], dtype=np.float64)
         self._sparse = [(f.name, f.id_type == "string", f.multi, f.max_ids) for f in schema.sparse]
         self._known = None if schema.unknown_fields == "ignore" else frozenset(
             [schema.label, schema.event_time, *schema.dense_names, *schema.sparse_names])
@@ -169,9 +171,7 @@ class SampleCodec:
         return self.binary.encode(sample.label, sample.event_time, dense, list(sample.features.sparse))
 
     def _from_binary(self, c: BinaryColumns) -> "DecodedBatch":
-        dense = np.empty_like(c.dense)
-        for j, (_, log1p, default) in enumerate(self._dense):
-            dense[:, j] = _transform_dense(c.dense[:, j], log1p, default)
+        dense = _transform_dense(c.dense, self._dense_log1p, self._dense_default)
         return DecodedBatch(c.rows, c.labels, c.event_times, dense,
                             [SparseColumn(k, n) for k, n in zip(c.keys, c.lengths)])
 
@@ -248,12 +248,11 @@ def _refused(status: np.ndarray) -> tuple[list[int], list[int]]:
     return at.tolist(), status[at].tolist()
 
 
-def _transform_dense(x: np.ndarray, log1p: bool, default: float) -> np.ndarray:
-    """A dense column as the model reads it: NaN (absent) -> the default, then the transform."""
-    missing = np.isnan(x)
-    if log1p:
-        x = np.copysign(np.log1p(np.abs(x)), x)
-    return np.where(missing, default, x)
+def _transform_dense(x: np.ndarray, log1p: np.ndarray | bool, default: np.ndarray | float) -> np.ndarray:
+    """Dense values as the model reads them: NaN (absent) -> the default, then the transform.
+    Works on one column (scalar flags) or on the matrix (a flag and a default per column)."""
+    transformed = np.where(log1p, np.copysign(np.log1p(np.abs(x)), x), x)
+    return np.where(np.isnan(x), default, transformed)
 
 
 def _merge(a: DecodedBatch, b: DecodedBatch) -> DecodedBatch:

@@ -12,7 +12,10 @@ import torch.nn.functional as F
 
 from freshrec.bench import embedding as bench
 from trainer.embedding import EmbeddingVariable, EmbeddingVariableConfig, EvictionConfig
-from trainer.embedding.pooling import RowBuffer, bag_sum, pool_concat, unique_columns, unique_ids
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trainer.embedding.pooling import RowBuffer, bag_sum, pool_concat, unique_columns, unique_ids, unique_segments
 
 
 def test_bag_sum_matches_torch_indexing_forward_and_backward() -> None:
@@ -83,6 +86,23 @@ def test_unique_columns_is_unique_ids_per_column() -> None:
         for got, want in zip((keys, inverse, counts), ref):
             np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(keys[inverse], ids[:, c])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(-2**63, 2**63 - 1) | st.integers(-5, 5), max_size=40), max_size=6))
+def test_unique_segments_is_np_unique_per_segment(segments: list[list[int]]) -> None:
+    """Empty segments, repeated ids and extreme int64 keys included."""
+    ids = np.array([k for seg in segments for k in seg], dtype=np.int64)
+    bounds = np.cumsum([0] + [len(seg) for seg in segments]).astype(np.int64)
+    got = unique_segments(ids, bounds)
+    assert len(got) == len(segments)
+    for seg, (keys, inverse, counts) in zip(segments, got):
+        seg = np.array(seg, dtype=np.int64)
+        ref_keys, ref_counts = np.unique(seg, return_counts=True)
+        order = np.argsort(keys)
+        np.testing.assert_array_equal(keys[order], ref_keys)
+        np.testing.assert_array_equal(counts[order], ref_counts)
+        np.testing.assert_array_equal(keys[inverse], seg)
 
 
 def test_pool_concat_matches_torch_embedding_bag() -> None:

@@ -20,6 +20,7 @@ import torch
 
 from stream.sample import DecodedBatch, Features
 from stream.schema import FeatureSchema
+from trainer.embedding import unique_segments
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class FeatureBag:
 class TableKeys:
     """The distinct keys of one table in a batch, and how often each occurs (for admission)."""
 
-    keys: np.ndarray  # int64 [U], sorted
+    keys: np.ndarray  # int64 [U], in first-seen order
     counts: np.ndarray  # int64 [U]
 
 
@@ -73,7 +74,7 @@ class BatchArrays:
     dense: np.ndarray  # float32 [B, n_dense]
     bag_indices: list[np.ndarray]  # int64, per sparse feature
     bag_offsets: list[np.ndarray]  # int64 [B], per sparse feature
-    tables: dict[str, tuple[np.ndarray, np.ndarray]]  # table -> (sorted unique keys, counts)
+    tables: dict[str, tuple[np.ndarray, np.ndarray]]  # table -> (unique keys, counts)
     tables_of_bags: list[str]
     modes: list[str]
     labels: np.ndarray | None = None  # float32 [B]
@@ -88,18 +89,21 @@ class BatchArrays:
         by_table: dict[str, list[int]] = {}
         for i, f in enumerate(schema.sparse):
             by_table.setdefault(f.table_name, []).append(i)
+        # every table's keys in one array, a segment per table: one kernel call deduplicates all
+        parts = [per_feature[i][0] for feature_ids in by_table.values() for i in feature_ids]
+        flat = np.concatenate(parts).astype(np.int64, copy=False) if parts else np.empty(0, np.int64)
+        table_bounds = np.zeros(len(by_table) + 1, dtype=np.int64)
+        np.cumsum([sum(len(per_feature[i][0]) for i in ids) for ids in by_table.values()], out=table_bounds[1:])
         tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         indices: list[np.ndarray] = [np.empty(0, np.int64)] * len(schema.sparse)
-        for table, feature_ids in by_table.items():
-            parts = [per_feature[i][0] for i in feature_ids]
-            all_keys = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            uniq, inverse, counts = np.unique(all_keys, return_inverse=True, return_counts=True)
-            tables[table] = (uniq, counts)
-            inverse = inverse.reshape(-1).astype(np.int64, copy=False)
+        segments = unique_segments(flat, table_bounds)
+        for (table, feature_ids), (keys, inverse, counts) in zip(by_table.items(), segments):
+            tables[table] = (keys, counts)
             start = 0
-            for i, part in zip(feature_ids, parts):
-                indices[i] = inverse[start:start + len(part)]
-                start += len(part)
+            for i in feature_ids:
+                end = start + len(per_feature[i][0])
+                indices[i] = inverse[start:end]
+                start = end
         return cls(np.ascontiguousarray(dense, dtype=np.float32), indices,
                    [np.asarray(p[1], dtype=np.int64) for p in per_feature], tables,
                    [f.table_name for f in schema.sparse], [f.pooling for f in schema.sparse], labels)

@@ -8,7 +8,7 @@ from trainer.embedding.config import (
     SparseOptimizerConfig,
 )
 from trainer.embedding.keyindex import KeyIndex
-from trainer.embedding.pooling import Bags, RowBuffer, bag_sum, pool_concat, unique_columns, unique_ids
+from trainer.embedding.pooling import Bags, RowBuffer, bag_sum, pool_concat, unique_columns, unique_ids, unique_segments
 from trainer.embedding.variable import EmbeddingVariable, TableChanges
 
 __all__ = [
@@ -25,4 +25,5 @@ __all__ = [
     "pool_concat",
     "unique_columns",
     "unique_ids",
+    "unique_segments",
 ]

@@ -342,27 +342,30 @@ def pool_backward(grad_out: np.ndarray, plan: np.ndarray, ids: np.ndarray, offse
 
 
 @njit(cache=True)
-def unique_columns(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Each column's distinct ids, through one throwaway hash table reset per column:
-    (keys, counts, starts, inverse). Column c's keys (in first-seen order) and their counts
-    are keys[starts[c]:starts[c + 1]] and counts[...]; inverse[c, i] is the position of
-    ids[i, c] among them."""
-    n, n_cols = ids.shape
+def unique_segments(ids: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct ids of each segment ids[bounds[s]:bounds[s + 1]], through one throwaway
+    hash table reset per segment: (keys, counts, starts, inverse). Segment s's keys (in
+    first-seen order) and their counts are keys[starts[s]:starts[s + 1]] and counts[...];
+    inverse[i] is the position of ids[i] among its segment's keys."""
+    n_segments = len(bounds) - 1
+    longest = 0
+    for s in range(n_segments):
+        longest = max(longest, bounds[s + 1] - bounds[s])
     size = 16
-    while size < 2 * n:
+    while size < 2 * longest:
         size *= 2
     mask = np.uint64(size - 1)
     table = np.empty(size, dtype=np.int64)
-    keys = np.empty(n * n_cols, dtype=np.int64)
-    counts = np.zeros(n * n_cols, dtype=np.int64)
-    starts = np.zeros(n_cols + 1, dtype=np.int64)
-    inverse = np.empty((n_cols, n), dtype=np.int64)
+    keys = np.empty(len(ids), dtype=np.int64)
+    counts = np.zeros(len(ids), dtype=np.int64)
+    starts = np.zeros(n_segments + 1, dtype=np.int64)
+    inverse = np.empty(len(ids), dtype=np.int64)
     m = 0
-    for c in range(n_cols):
+    for s in range(n_segments):
         table[:] = -1
         first = m
-        for i in range(n):
-            key = ids[i, c]
+        for i in range(bounds[s], bounds[s + 1]):
+            key = ids[i]
             pos = hash64(key) & mask
             while True:
                 u = table[pos]
@@ -373,8 +376,8 @@ def unique_columns(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                     m += 1
                 if keys[u] == key:
                     counts[u] += 1
-                    inverse[c, i] = u - first
+                    inverse[i] = u - first
                     break
                 pos = (pos + np.uint64(1)) & mask
-        starts[c + 1] = m
+        starts[s + 1] = m
     return keys[:m], counts[:m], starts, inverse

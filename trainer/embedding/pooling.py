@@ -130,5 +130,14 @@ def unique_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def unique_columns(ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """unique_ids of each column of ids [n, columns] (one single-valued feature a column),
     in one kernel call: per call, not per id, was most of unique_ids' cost at batch 2048."""
-    keys, counts, starts, inverse = kernels.unique_columns(np.asarray(ids, dtype=np.int64))
-    return [(keys[a:b], inverse[c], counts[a:b]) for c, (a, b) in enumerate(zip(starts[:-1], starts[1:]))]
+    n, n_cols = ids.shape
+    by_column = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).T).reshape(-1)
+    return unique_segments(by_column, np.arange(n_cols + 1, dtype=np.int64) * n)
+
+
+def unique_segments(ids: np.ndarray, bounds: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """unique_ids of each segment ids[bounds[s]:bounds[s + 1]] (e.g. one table's ids), in one
+    kernel call."""
+    keys, counts, starts, inverse = kernels.unique_segments(ids, bounds)
+    return [(keys[a:b], inverse[lo:hi], counts[a:b])
+            for a, b, lo, hi in zip(starts[:-1], starts[1:], bounds[:-1], bounds[1:])]
