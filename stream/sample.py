@@ -6,25 +6,28 @@ accept raises `InvalidSample` with a reason short enough to be a metric label an
 enough to fix the producer; the caller sends the message to the dead-letter topic.
 
 `decode_batch` decodes a whole micro-batch into columns (numpy arrays) at once, which is what
-the trainer reads: per field, one type check over the column and one conversion, instead of
-39 Python checks per message. Its result is defined to be the per-message `decode`: rows the
-column checks cannot vouch for go through `decode`'s own code (`from_dict`), so a message is
-accepted, or refused with a reason, exactly as `decode` would.
+the trainer reads: msgspec parses each JSON message into a schema-derived struct, validating
+types and ranges in C, and the columns are read off the structs, instead of 39 Python checks
+per message. Its result is defined to be the per-message `decode`: a message msgspec refuses
+goes through `decode` itself, so a message is accepted, or refused with a reason, exactly as
+`decode` would.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from itertools import repeat
-from operator import is_not, itemgetter
-from typing import Sequence
+from functools import partial
+from itertools import chain, repeat
+from operator import attrgetter, is_not
+from typing import Annotated, Sequence
 
+import msgspec
 import numpy as np
 import orjson
 
 from stream.binary import NOT_BINARY, REASONS, BinaryColumns, BinarySampleFormat
-from stream.hashing import INT64_MAX, INT64_MIN, hash_string_id
+from stream.hashing import INT64_MAX, INT64_MIN, hash_string_id, hash_string_ids
 from stream.schema import DenseTransform, FeatureSchema
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
@@ -83,6 +86,7 @@ class SampleCodec:
         self._known = None if schema.unknown_fields == "ignore" else frozenset(
             [schema.label, schema.event_time, *schema.dense_names, *schema.sparse_names])
         self.binary = BinarySampleFormat(schema, max_message_bytes)
+        self._json = _JsonBatchDecoder(self)
 
     def decode(self, raw: bytes) -> Sample:
         return self.from_dict(parse_object(raw, self.max_message_bytes))
@@ -153,8 +157,8 @@ class SampleCodec:
         if len(json_rows) == 0:
             return binary
         if len(json_rows) == len(raws):
-            return _BatchDecoder(self).decode(raws)
-        return _merge(binary, _BatchDecoder(self).decode([raws[i] for i in json_rows.tolist()]).at_rows(json_rows))
+            return self._json.decode(raws)
+        return _merge(binary, self._json.decode([raws[i] for i in json_rows.tolist()]).at_rows(json_rows))
 
     def encode(self, obj: dict) -> bytes:
         """Serialise a sample dict as producers should (compact JSON)."""
@@ -189,14 +193,6 @@ def _key(name: str, value: object, is_string: bool) -> int:
 
 
 # -- batch decoding --------------------------------------------------------------------------
-
-_NONE = type(None)
-_INT_OR_FLOAT = {int, float}
-_NUMBER_OR_NONE = {int, float, _NONE}
-_STR_OR_NONE = {str, _NONE}
-_INT_OR_NONE = {int, _NONE}
-HASH_CACHE_MAX = 1 << 20  # string id -> key entries kept per codec (Zipf-hot ids hit it)
-
 
 @dataclass
 class SparseColumn:
@@ -273,206 +269,128 @@ def _merge(a: DecodedBatch, b: DecodedBatch) -> DecodedBatch:
                         sorted(a.errors + b.errors, key=lambda e: e[0]))
 
 
-class _BatchDecoder:
-    """Column checks decide the common case; any row they cannot vouch for is decided by
-    `SampleCodec.from_dict`, the per-message definition, so outcomes never differ."""
+def _row_type(schema: FeatureSchema) -> type[msgspec.Struct]:
+    """The shape of a sample the fast path accepts, as a msgspec struct decoded in strict mode.
+
+    Each field admits a subset of what `from_dict` accepts, read the same way: the label as
+    the integer 0 or 1 (not a bool; a float 1.0, which `from_dict` takes, goes to the exact
+    path), numbers for event time and dense features (ints read as floats, as `float()` reads
+    them), ids of the declared type within int64, lists of at most `max_ids` ids. Unknown fields are forbidden under both schema policies, because msgspec skips an
+    ignored field without validating it (it accepts 1e999 or bad UTF-8 there; orjson does
+    not). Attributes are named f0, f1, ...: schema names need not be Python identifiers."""
+    int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+    types: list[object] = [Annotated[int, msgspec.Meta(ge=0, le=1)], float]
+    types += [float | None] * len(schema.dense)
+    for f in schema.sparse:
+        one = str if f.id_type == "string" else int64
+        types.append((Annotated[list[one], msgspec.Meta(max_length=f.max_ids)] if f.multi else one) | None)
+    names = [schema.label, schema.event_time, *schema.dense_names, *schema.sparse_names]
+    fields = [(f"f{i}", t) if i < 2 else (f"f{i}", t, None) for i, t in enumerate(types)]
+    return msgspec.defstruct("JsonSample", fields, rename={f"f{i}": n for i, n in enumerate(names)},
+                             forbid_unknown_fields=True, gc=False)
+
+
+class _JsonBatchDecoder:
+    """JSON micro-batches as columns. msgspec decodes each message into the schema's struct
+    (`_row_type`), checking every type and range in C as it parses; the columns are then read
+    off the structs with one pass per group of features. A message msgspec refuses (or that is
+    oversized) is decided by `SampleCodec.decode`, the per-message definition, so every
+    message is accepted, or refused with the same reason and detail, exactly as `decode` would."""
 
     def __init__(self, codec: SampleCodec) -> None:
         self.codec = codec
         s = codec.schema
-        self.names = [s.label, s.event_time, *(f.name for f in s.dense), *(f.name for f in s.sparse)]
-        self.getter = itemgetter(*self.names)
-        self.cache: dict[str, int] = getattr(codec, "_hash_cache", None) or {}
-        codec._hash_cache = self.cache  # type: ignore[attr-defined]
+        self.decoder = msgspec.json.Decoder(_row_type(s))
+        self.n_dense = len(s.dense)
+        self.numbers = attrgetter(*(f"f{i}" for i in range(2 + self.n_dense)))
+        first_sparse = 2 + self.n_dense
+        self.singles = [[j for j, f in enumerate(s.sparse) if not f.multi and (f.id_type == "string") == is_string]
+                        for is_string in (False, True)]
+        self.attr = [f"f{first_sparse + j}" for j in range(len(s.sparse))]
+        self.multis = [(j, f.id_type == "string") for j, f in enumerate(s.sparse) if f.multi]
 
     def decode(self, raws: Sequence[bytes]) -> DecodedBatch:
+        structs, index, slow = self._parse(raws)
+        numbers = np.array(list(map(self.numbers, structs)), dtype=np.float64).reshape(len(structs), 2 + self.n_dense)
+        finite = np.isfinite(numbers[:, 1]) & ~np.isinf(numbers[:, 2:]).any(axis=1)
+        if not finite.all():  # msgspec refuses numbers beyond float64: a guard, not a path taken
+            slow = sorted(slow + index[~finite].tolist())
+            structs = [structs[r] for r in np.flatnonzero(finite).tolist()]
+            index, numbers = index[finite], numbers[finite]
+        fast = self._columns(structs, index, numbers)
+        return _merge(fast, self._decide(raws, slow)) if slow else fast
+
+    def _parse(self, raws: Sequence[bytes]) -> tuple[list, np.ndarray, list[int]]:
+        """Structs of the messages msgspec accepts, their message indices, and the indices of
+        the others. One `map` when the whole batch parses (the common case)."""
+        decode, limit = self.decoder.decode, self.codec.max_message_bytes
+        if max(map(len, raws), default=0) <= limit:
+            try:
+                return list(map(decode, raws)), np.arange(len(raws), dtype=np.int64), []
+            except msgspec.DecodeError:
+                pass
+        structs, index, slow = [], [], []
+        for i, raw in enumerate(raws):
+            try:
+                if len(raw) <= limit:
+                    structs.append(decode(raw))
+                    index.append(i)
+                    continue
+            except msgspec.DecodeError:
+                pass
+            slow.append(i)
+        return structs, np.array(index, dtype=np.int64), slow
+
+    def _columns(self, structs: list, index: np.ndarray, numbers: np.ndarray) -> DecodedBatch:
         codec = self.codec
-        limit = codec.max_message_bytes
-        errors: list[tuple[int, InvalidSample]] = []
-        objs: list[dict] = []
-        index: list[int] = []
-        loads = orjson.loads
-        for i, raw in enumerate(raws):  # parse_object's checks, inline: this is the per-message hot path
-            if len(raw) > limit:
-                errors.append((i, InvalidSample("oversized", f"{len(raw)} bytes > {limit}")))
-                continue
-            try:
-                obj = loads(raw)
-            except orjson.JSONDecodeError as e:
-                errors.append((i, InvalidSample("malformed_json", str(e))))
-                continue
-            if type(obj) is not dict:  # orjson makes plain dicts only
-                errors.append((i, InvalidSample("not_an_object", type(obj).__name__)))
-                continue
-            objs.append(obj)
-            index.append(i)
-        n = len(objs)
-        schema = codec.schema
-        n_dense, n_sparse = len(schema.dense), len(schema.sparse)
-        if n == 0:
-            errors.sort(key=lambda e: e[0])
-            return DecodedBatch(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64),
-                                np.zeros((0, n_dense), np.float32),
-                                [SparseColumn(np.zeros(0, np.int64), np.zeros(0, np.int64)) for _ in range(n_sparse)],
-                                errors)
-        cols = self._columns(objs)
-        suspect = np.zeros(n, dtype=bool)
-        if codec._known is not None:  # unknown fields (zip gave tuples: every row has every field)
-            self._mark_unknown(objs, suspect, all_present=type(cols[0]) is tuple)
+        sparse: list[SparseColumn | None] = [None] * len(self.attr)
+        for is_string, positions in enumerate(self.singles):
+            if positions:
+                for j, column in zip(positions, self._singles(structs, positions, bool(is_string))):
+                    sparse[j] = column
+        for j, is_string in self.multis:
+            lists = [v or () for v in map(attrgetter(self.attr[j]), structs)]
+            lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+            sparse[j] = SparseColumn(self._keys(list(chain.from_iterable(lists)), is_string), lengths)
+        dense = _transform_dense(numbers[:, 2:], codec._dense_log1p, codec._dense_default)
+        return DecodedBatch(index, numbers[:, 0].astype(np.int64), numbers[:, 1].copy(), dense, sparse)
 
-        labels = self._ints(cols[0], suspect)
-        suspect |= (labels != 0) & (labels != 1)
-        times = self._floats(cols[1], suspect, _INT_OR_FLOAT)
-        suspect |= ~np.isfinite(times)
+    def _singles(self, structs: list, positions: list[int], is_string: bool) -> list[SparseColumn]:
+        """Single-valued features of one id type in one row-major pass over the batch."""
+        n, k = len(structs), len(positions)
+        names = [self.attr[j] for j in positions]
+        if k == 1:  # attrgetter of one name returns the value, not a 1-tuple
+            flat = list(map(attrgetter(names[0]), structs))
+        else:
+            flat = list(chain.from_iterable(map(attrgetter(*names), structs)))
+        present = np.fromiter(map(is_not, flat, repeat(None)), dtype=bool, count=n * k).reshape(n, k)
+        keys = np.zeros((n, k), dtype=np.int64)
+        keys[present] = self._keys(list(filter(partial(is_not, None), flat)), is_string)
+        return [SparseColumn(keys[:, c][present[:, c]], present[:, c].astype(np.int64)) for c in range(k)]
 
-        dense = np.empty((n, n_dense), dtype=np.float64)
-        for j, (_, log1p, default) in enumerate(codec._dense):
-            x = self._floats(cols[2 + j], suspect, _NUMBER_OR_NONE)
-            suspect |= np.isinf(x)
-            dense[:, j] = _transform_dense(x, log1p, default)
-
-        sparse: list[list | tuple[np.ndarray, np.ndarray]] = []
-        for j, (name, is_string, multi, max_ids) in enumerate(codec._sparse):
-            col = cols[2 + n_dense + j]
-            if multi:
-                sparse.append(self._multi(name, col, is_string, max_ids, suspect))
-            else:
-                sparse.append(self._single(col, is_string, suspect))
-
-        keep = ~suspect
-        patches: dict[int, Sample] = {}
-        for r in np.flatnonzero(suspect).tolist():
-            try:
-                patches[r] = codec.from_dict(objs[r])
-            except InvalidSample as e:
-                errors.append((index[r], e))
-                continue
-            keep[r] = True
-        for r, sample in patches.items():  # rows the column checks could not vouch for, but valid
-            labels[r] = sample.label
-            times[r] = sample.event_time
-            dense[r] = sample.features.dense
-            for j, keys in enumerate(sample.features.sparse):
-                if isinstance(sparse[j], list):
-                    sparse[j][r] = keys
-                else:
-                    k, present = sparse[j]
-                    present[r] = bool(keys)
-                    k[r] = keys[0] if keys else 0
-
-        columns = []
-        for part in sparse:
-            if isinstance(part, list):
-                rows = [part[r] for r in np.flatnonzero(keep).tolist()]
-                lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-                flat = [k for ks in rows for k in ks]
-                columns.append(SparseColumn(np.array(flat, dtype=np.int64).reshape(-1), lengths))
-            else:
-                k, present = part
-                present = present[keep]
-                columns.append(SparseColumn(k[keep][present], present.astype(np.int64)))
-        errors.sort(key=lambda e: e[0])
-        return DecodedBatch(np.asarray(index, dtype=np.int64)[keep], labels[keep], times[keep],
-                            dense[keep], columns, errors)
-
-    def _columns(self, objs: list[dict]) -> list[tuple]:
-        try:
-            return list(zip(*map(self.getter, objs)))
-        except KeyError:  # some message lacks a field (absent features are allowed)
-            return [[o.get(name) for o in objs] for name in self.names]
-
-    def _mark_unknown(self, objs: list[dict], suspect: np.ndarray, all_present: bool) -> None:
-        """Rows with a field the schema does not name. When every row has every named field
-        (the fast path's columns), a row has an unknown one exactly when it has more fields."""
-        width = len(self.names)
-        lengths = np.fromiter(map(len, objs), dtype=np.int64, count=len(objs))
-        if all_present:
-            suspect |= lengths > width
-            return
-        known = self.codec._known
-        for r in np.flatnonzero(lengths > 0).tolist():
-            if not known.issuperset(objs[r]):
-                suspect[r] = True
-
-    @staticmethod
-    def _clean(col: Sequence, suspect: np.ndarray, allowed: set, placeholder: object) -> Sequence:
-        """The column with values of an unexpected type replaced (their rows marked suspect)."""
-        if set(map(type, col)) <= allowed:
-            return col
-        out = list(col)
-        for r, v in enumerate(out):
-            if type(v) not in allowed:
-                suspect[r] = True
-                out[r] = placeholder
-        return out
-
-    def _ints(self, col: Sequence, suspect: np.ndarray) -> np.ndarray:
-        col = self._clean(col, suspect, {int}, 0)
-        try:
-            return np.array(col, dtype=np.int64)
-        except OverflowError:
-            out = np.zeros(len(col), dtype=np.int64)
-            for r, v in enumerate(col):
-                if -(1 << 63) <= v < (1 << 63):
-                    out[r] = v
-                else:
-                    suspect[r] = True
-            return out
-
-    def _floats(self, col: Sequence, suspect: np.ndarray, allowed: set) -> np.ndarray:
-        """float64; None (where allowed) becomes NaN, which JSON cannot otherwise produce."""
-        col = self._clean(col, suspect, allowed, 0.0)
-        try:
-            return np.array(col, dtype=np.float64)
-        except (OverflowError, TypeError, ValueError):
-            out = np.zeros(len(col), dtype=np.float64)
-            for r, v in enumerate(col):
-                try:
-                    out[r] = np.nan if v is None else float(v)
-                except OverflowError:
-                    suspect[r] = True
-            return out
-
-    def _single(self, col: Sequence, is_string: bool, suspect: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Keys [n] (0 where absent) and a presence mask."""
-        n = len(col)
-        col = self._clean(col, suspect, _STR_OR_NONE if is_string else _INT_OR_NONE, None)
-        present = np.fromiter(map(is_not, col, repeat(None)), dtype=bool, count=n)
+    def _keys(self, ids: list, is_string: bool) -> np.ndarray:
         if is_string:
-            cache = self.cache
-            try:
-                return np.fromiter(map(cache.__getitem__, col), dtype=np.int64, count=n), present
-            except KeyError:
-                if len(cache) > HASH_CACHE_MAX:
-                    cache.clear()
-                for v in col:
-                    if v not in cache:
-                        cache[v] = 0 if v is None else hash_string_id(v)
-                return np.fromiter(map(cache.__getitem__, col), dtype=np.int64, count=n), present
-        values = [0 if v is None else v for v in col]
-        try:
-            return np.array(values, dtype=np.int64), present
-        except OverflowError:
-            out = np.zeros(n, dtype=np.int64)
-            for r, v in enumerate(values):
-                if INT64_MIN <= v <= INT64_MAX:
-                    out[r] = v
-                else:
-                    suspect[r] = True
-            return out, present
+            return hash_string_ids(ids)
+        return np.array(ids, dtype=np.int64).reshape(-1)  # msgspec checked the int64 range
 
-    def _multi(self, name: str, col: Sequence, is_string: bool, max_ids: int, suspect: np.ndarray) -> list:
-        """Per row a tuple of keys; rows that are not a list of ids of the right type are suspect."""
-        out: list[tuple[int, ...]] = []
-        for r, v in enumerate(col):
-            if v is None:
-                out.append(())
-                continue
+    def _decide(self, raws: Sequence[bytes], indices: list[int]) -> DecodedBatch:
+        """The per-message codec's outcome for each of these messages, as a batch."""
+        codec = self.codec
+        at: list[int] = []
+        samples: list[Sample] = []
+        errors: list[tuple[int, InvalidSample]] = []
+        for i in indices:
             try:
-                out.append(tuple(_key(name, x, is_string) for x in v) if type(v) is list and len(v) <= max_ids else None)
-            except InvalidSample:
-                out.append(None)
-            if out[-1] is None:
-                suspect[r] = True
-                out[-1] = ()
-        return out
+                samples.append(codec.decode(raws[i]))
+                at.append(i)
+            except InvalidSample as e:
+                errors.append((i, e))
+        n = len(samples)
+        sparse = []
+        for j in range(len(self.attr)):
+            per_row = [s.features.sparse[j] for s in samples]
+            keys = np.fromiter(chain.from_iterable(per_row), dtype=np.int64)
+            sparse.append(SparseColumn(keys, np.fromiter(map(len, per_row), dtype=np.int64, count=n)))
+        dense = np.array([s.features.dense for s in samples], dtype=np.float64).reshape(n, self.n_dense)
+        return DecodedBatch(np.array(at, dtype=np.int64), np.array([s.label for s in samples], dtype=np.int64),
+                            np.array([s.event_time for s in samples], dtype=np.float64), dense, sparse, errors)
