@@ -7,8 +7,8 @@ Why a process: applying a 100k-row delta to 1M rows was ~20 ms of CPU per table 
 twice per version (double buffering). Done by the node (at its priority, with GIL hand-offs
 between the kernels), that stalled requests: p99 while deltas landed every second was
 1.8-5.7x the idle p99 in `freshrec bench serving`, even after payload reading had moved to a
-helper. Applied here it is 1.0-1.3x, no worse than with the apply skipped altogether
-(1.0-1.6x on a busy 2-core machine). The helper reads the payload
+helper. Applied here it is 1.02-1.30x in full runs, no worse than with the apply skipped
+altogether (1.2-1.6x in short runs on a busy 2-core machine). The helper reads the payload
 (`RedisVersionStore.read_payload`: manifest size and checksum), verifies it
 (`payload.verify`: header, xxh3, zstd), checks every section against the schema, and only
 then writes the rows into the tables of the buffer the node names. The tables live in
