@@ -1,3 +1,5 @@
+import pickle
+
 import numpy as np
 import torch
 
@@ -26,3 +28,32 @@ def test_shared_table_keys_are_deduplicated_and_bags_point_into_them():
     assert pooled[2][:, 0].tolist() == [10.5, 0.0]  # history, mean pooling; empty bag pools to zero
     assert pooled[3].shape == (2, 8)  # genres: absent everywhere
     np.testing.assert_array_equal(batch.labels.numpy(), [1.0, 0.0])
+
+
+def test_batch_arrays_cross_a_process_boundary_intact():
+    """The ingest process hands BatchArrays to the trainer pickled (packed flat): the
+    unpickled batch has every feature's indices and offsets and every table's keys and counts,
+    empty ones included."""
+    from multiprocessing.reduction import ForkingPickler
+
+    from trainer.batch import BatchArrays
+
+    schema = load_schema("movielens")
+    features = [
+        Features((30.0, 1.0), ((1,), (10,), (10, 11), (), (7,))),
+        Features((40.0, 2.0), ((2,), (11,), (), (), (7,))),
+        Features((50.0, 3.0), ((1,), (12,), (13,), (), ())),
+    ]
+    arrays = BatchArrays.from_batch(build_batch(schema, features, [1, 0, 1]))
+    arrays.labels = np.array([1, 0, 1], dtype=np.float32)
+    back = pickle.loads(ForkingPickler.dumps(arrays))
+    assert back.tables.keys() == arrays.tables.keys() and back.tables_of_bags == arrays.tables_of_bags
+    assert back.modes == arrays.modes
+    for got, want in [(back.dense, arrays.dense), (back.labels, arrays.labels)]:
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(back.bag_indices + back.bag_offsets, arrays.bag_indices + arrays.bag_offsets, strict=True):
+        np.testing.assert_array_equal(got, want)
+    for name, (keys, counts) in arrays.tables.items():
+        np.testing.assert_array_equal(back.tables[name][0], keys)
+        np.testing.assert_array_equal(back.tables[name][1], counts)
+    torch.testing.assert_close(back.to_batch().dense, arrays.to_batch().dense)
