@@ -5,13 +5,16 @@ samples, in one run, with the samples on Kafka in each format (`--formats`: JSON
 default contract, and the binary format of `stream.binary`):
 
 - in memory: the training step alone (`OnlineLearner.learn`, progressive metrics included)
-  on micro-batches decoded before the clock starts; measured before and after the Kafka
-  pass, and averaged, so that a load change on the shared machine does not favour one side;
+  on micro-batches decoded before the clock starts;
 - from Kafka: the whole path (consume, decode, validate, batch, step, track offsets and
   watermark, dead letters, Prometheus metrics) reading the samples from a fresh topic on a
   Tansu broker this benchmark starts on a free port.
 
-Both start timing after `--warmup` micro-batches. The last line is a JSON object with the figures.
+Both start timing after `--warmup` micro-batches, each pass with a fresh model. Passes
+alternate: in memory, then from Kafka in each format, then in memory again, `--rounds` times.
+A round's ratio is its Kafka rate over the mean of the in-memory passes on either side of it,
+and each figure reported is the median over rounds: on a shared, noisy machine a burst of
+load then spoils one round, not one side. The last line is a JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=512, help="micro-batch size")
     parser.add_argument("--max-wait-ms", type=int, default=100, help="micro-batch time bound")
     parser.add_argument("--warmup", type=int, default=5, help="untimed micro-batches first")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating in-memory / Kafka rounds per model")
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--formats", default=",".join(FORMATS),
                         help="sample formats on Kafka, comma-separated, from " + ",".join(FORMATS))
@@ -139,6 +143,20 @@ def _from_kafka(schema, config, kafka, total: int, args) -> dict:
             "client": client, "auc": learner.metrics.auc()}
 
 
+def _row(model: str, memory: list[float], runs: dict[str, list[dict]]) -> dict:
+    """Medians over rounds; round r's in-memory rate is the mean of the passes before and after it."""
+    around = [(a + b) / 2 for a, b in zip(memory[:-1], memory[1:])]
+    row = {"model": model, "in_memory_per_s": round(float(np.median(memory))),
+           "in_memory_by_pass": [round(m) for m in memory]}
+    for fmt, passes in runs.items():
+        ratios = [p["rate"] / m for p, m in zip(passes, around)]
+        row[fmt] = {"kafka_per_s": round(float(np.median([p["rate"] for p in passes]))),
+                    "ratio": round(float(np.median(ratios)), 3), "ratio_by_round": [round(r, 3) for r in ratios],
+                    "learned": [p["learned"] for p in passes], "dead_letters": sum(p["dead_letters"] for p in passes),
+                    "client": passes[0]["client"], "source_startup_s": round(max(p["startup_s"] for p in passes), 2)}
+    return row
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -153,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     from trainer.config import TrainerConfig
 
     if args.quick:
-        args.samples, args.warmup = min(args.samples, 6000), min(args.warmup, 2)
+        args.samples, args.warmup, args.rounds = min(args.samples, 6000), min(args.warmup, 2), 1
     torch.set_num_threads(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(models) - set(MODELS))
@@ -188,19 +206,16 @@ def run(args: argparse.Namespace) -> int:
         for model in models:
             config = TrainerConfig(model=model, batch_size=args.batch, max_batch_wait_ms=args.max_wait_ms,
                                    metrics_port=0, seed=args.seed)
-            before = _in_memory(schema, config, batches, args.warmup)
-            runs = {fmt: _from_kafka(schema, config, topics[fmt], len(samples), args) for fmt in formats}
-            after = _in_memory(schema, config, batches, args.warmup)
-            memory = (before + after) / 2
-            row = {"model": model, "in_memory_per_s": round(memory), "in_memory_spread": round(abs(before - after))}
-            for fmt, r in runs.items():
-                row[fmt] = {"kafka_per_s": round(r["rate"]), "ratio": round(r["rate"] / memory, 3),
-                            "learned": r["learned"], "dead_letters": r["dead_letters"], "client": r["client"],
-                            "source_startup_s": round(r["startup_s"], 2)}
-            rows.append(row)
-            print(f"  {model:<10} in memory {memory:>9,.0f}/s (±{abs(before - after) / 2:,.0f})   from Kafka " +
-                  "   ".join(f"{fmt} {row[fmt]['kafka_per_s']:>8,}/s ({row[fmt]['ratio']:.2f})" for fmt in formats),
-                  flush=True)
+            memory = [_in_memory(schema, config, batches, args.warmup)]
+            runs: dict[str, list[dict]] = {fmt: [] for fmt in formats}
+            for _ in range(max(1, args.rounds)):
+                for fmt in formats:
+                    runs[fmt].append(_from_kafka(schema, config, topics[fmt], len(samples), args))
+                memory.append(_in_memory(schema, config, batches, args.warmup))
+            rows.append(_row(model, memory, runs))
+            print(f"  {model:<10} in memory {rows[-1]['in_memory_per_s']:>9,}/s   from Kafka " + "   ".join(
+                f"{fmt} {rows[-1][fmt]['kafka_per_s']:>8,}/s (ratio {rows[-1][fmt]['ratio']:.2f}, rounds "
+                f"{', '.join(f'{x:.2f}' for x in rows[-1][fmt]['ratio_by_round'])})" for fmt in formats), flush=True)
         return rows
 
     if args.bootstrap:
@@ -220,8 +235,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"| {r['model']} | {r['in_memory_per_s']:,} | " + " | ".join(
             f"{r[fmt]['kafka_per_s']:,} | {r[fmt]['ratio']:.2f}" for fmt in formats) + " |")
     result = {"benchmark": "trainer", "samples": len(samples), "batch": args.batch, "ingest": args.ingest,
-              "threads": args.threads, "models": rows,
+              "threads": args.threads, "rounds": max(1, args.rounds), "models": rows,
               "min_ratio": {fmt: min(r[fmt]["ratio"] for r in rows) for fmt in formats} if rows else None}
     print(json.dumps(result))
-    ok = all(r[fmt]["learned"] == len(samples) for r in rows for fmt in formats)
+    ok = all(n == len(samples) for r in rows for fmt in formats for n in r[fmt]["learned"])
     return 0 if ok else 1
