@@ -150,14 +150,14 @@ class SampleCodec:
         outcome per message as `decode`."""
         raws = list(raws)
         columns, status = self.binary.decode(raws)
+        json_rows = np.flatnonzero(status == NOT_BINARY)
+        if len(json_rows) == len(raws):
+            return self._json.decode(raws)
         binary = self._from_binary(columns)
         binary.errors = [(i, InvalidSample(REASONS[code], self.binary.explain(raws[i], code)))
                          for i, code in zip(*_refused(status))]
-        json_rows = np.flatnonzero(status == NOT_BINARY)
         if len(json_rows) == 0:
             return binary
-        if len(json_rows) == len(raws):
-            return self._json.decode(raws)
         return _merge(binary, self._json.decode([raws[i] for i in json_rows.tolist()]).at_rows(json_rows))
 
     def encode(self, obj: dict) -> bytes:

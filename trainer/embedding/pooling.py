@@ -130,8 +130,9 @@ def unique_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def unique_columns(ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """unique_ids of each column of ids [n, columns] (one single-valued feature a column),
     in one kernel call: per call, not per id, was most of unique_ids' cost at batch 2048."""
+    ids = np.asarray(ids, dtype=np.int64)
     n, n_cols = ids.shape
-    by_column = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).T).reshape(-1)
+    by_column = np.ascontiguousarray(ids.T).reshape(-1)
     return unique_segments(by_column, np.arange(n_cols + 1, dtype=np.int64) * n)
 
 
