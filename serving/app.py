@@ -17,6 +17,7 @@ with orjson; no thread hand-off, no per-example dicts.
 
 from __future__ import annotations
 
+import gc
 import hmac
 import time
 from contextlib import asynccontextmanager
@@ -59,6 +60,11 @@ def create_app(schema: FeatureSchema, trainer_config: TrainerConfig, redis_confi
     async def lifespan(_: FastAPI):
         torch.set_num_threads(config.torch_threads)
         _warm_up(schema, trainer_config)
+        # The ~290 k objects of the imports, the app and the warm-up live as long as the
+        # process. Frozen, the collector no longer walks them: a full collection took
+        # ~200 ms here, a stall of every request in flight whenever one ran.
+        gc.collect()
+        gc.freeze()
         follower.start()
         yield
         await run_in_threadpool(follower.stop)

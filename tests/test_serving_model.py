@@ -229,6 +229,22 @@ def test_a_dead_helper_leaves_the_served_version_readable(holder, versions):
     assert holder.current.version == 2 and users(holder.current, [1, 2, 3]) == [1.0, 2.0, 0.0]
 
 
+def test_the_helper_loads_its_first_snapshot_at_the_nodes_priority_then_yields(holder, versions):
+    """A node with no version answers only 503s: its first snapshot must not wait behind
+    every other process on the machine. Once it serves, the helper runs at nice 19."""
+    import os
+
+    from serving.applier import NICE
+
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    with pytest.raises(PayloadError, match="no section"):  # starts the helper; loads nothing
+        holder.load_snapshot(versions.write(Payload(Kind.SNAPSHOT, 1, 0, dense_state(0.01))))
+    helper = holder._applier._process.pid
+    assert os.getpriority(os.PRIO_PROCESS, helper) == own
+    holder.load_snapshot(versions.snapshot(1, {"user": {1: 1.0}, "item": {1: 1.0}}))
+    assert os.getpriority(os.PRIO_PROCESS, helper) == min(own + NICE, 19)
+
+
 def test_shared_context_bag_scores_like_per_row_bags(holder, versions):
     h = holder
     h.load_snapshot(versions.snapshot(1, {"user": {1: 0.5, 2: -0.3}, "item": {1: 1.0, 2: 0.2}}))
