@@ -57,3 +57,19 @@ def test_batch_arrays_cross_a_process_boundary_intact():
         np.testing.assert_array_equal(back.tables[name][0], keys)
         np.testing.assert_array_equal(back.tables[name][1], counts)
     torch.testing.assert_close(back.to_batch().dense, arrays.to_batch().dense)
+
+
+def test_the_handover_pipe_holds_a_whole_micro_batch():
+    """A Criteo micro-batch of 512 pickles to ~280 KiB: through the default 64 KiB pipe the
+    training process's read waited on the ingest side's feeder thread several times."""
+    import fcntl
+    import multiprocessing as mp
+
+    from trainer.source import _widen_pipe
+
+    q = mp.get_context("spawn").Queue()
+    try:
+        _widen_pipe(q)
+        assert fcntl.fcntl(q._reader.fileno(), fcntl.F_GETPIPE_SZ) == 1 << 20
+    finally:
+        q.close()

@@ -358,6 +358,25 @@ def _ingest_main(kafka: KafkaConfig, schema: FeatureSchema, max_message_bytes: i
         reader.close()
 
 
+def _widen_pipe(q: mp.Queue, size: int = 1 << 20) -> None:
+    """Grows the pipe under a multiprocessing queue (Linux's default is 64 KiB) so that a
+    whole micro-batch (~280 KiB pickled at Criteo shape, batch 512) goes through in one write
+    and one read. Through 64 KiB, the training process's read waited for the ingest side's
+    feeder thread to be scheduled four more times: taking a ready batch took 0.54-1.09 ms
+    (median) instead of 0.26-0.27 ms (measured with a spawned producer, 400 batches). It
+    reaches the queue's own pipe (`_reader`, there since Python 2.6); where that or
+    F_SETPIPE_SZ is missing, or the size is over the system's limit, the queue works as is."""
+    import fcntl
+
+    reader = getattr(q, "_reader", None)
+    if reader is None or not hasattr(fcntl, "F_SETPIPE_SZ"):
+        return
+    try:
+        fcntl.fcntl(reader.fileno(), fcntl.F_SETPIPE_SZ, size)
+    except OSError:
+        log.debug("could not widen the ingest pipe to %d bytes", size)
+
+
 class KafkaSampleSource:
     """Micro-batches from the samples topic, bounded by `batch_size` messages and by
     `max_wait_ms` after the first message of the batch arrived.
@@ -384,6 +403,7 @@ class KafkaSampleSource:
         if ingest == "process":
             ctx = mp.get_context("spawn")  # the training process has threads (torch, numba): no fork
             self._queue = ctx.Queue(maxsize=max(1, prefetch))
+            _widen_pipe(self._queue)
             self._stop = ctx.Event()
             self._process = ctx.Process(
                 target=_ingest_main, name="freshrec-ingest", daemon=True,
