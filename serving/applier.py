@@ -64,8 +64,8 @@ from serving.table import RowTable
 
 # The helper's CPU priority once the node serves: it runs when the request path does not
 # need the CPU. Until then (start-up, or a rebuild with a new helper) it runs at the node's
-# priority: at nice 19 on a busy machine the first snapshot took 14-17 s to load instead of
-# 7-9 s, and a node without a version answers nothing but 503s.
+# priority: a node without a version answers nothing but 503s, and at nice 19 on a busy
+# machine its restart to ready took 14-17 s (5-9 s at the node's priority).
 NICE = 19
 _MESSAGE_BYTES = 1 << 20  # JSON control messages only; arrays travel as memory files
 _FDS_PER_MESSAGE = 64  # well under the kernel's limit per message (SCM_MAX_FD, 253)

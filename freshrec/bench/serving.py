@@ -527,8 +527,9 @@ async def _measure(args, levels, fresh_port, naive_port, bodies, writer: DeltaWr
 
 
 def _median_window(windows: list[dict]) -> dict:
-    """Each figure's median over open-loop windows: one stall of the machine (a few ms every
-    few seconds here, whatever runs) then spoils one window's p99, not the comparison."""
+    """Each figure's median over open-loop windows: a burst of load from outside (here, bursts
+    of 0.2-0.4 s with requests up to 20-40 ms, a few times a minute) then spoils one window's
+    p99, not the comparison."""
     return {k: float(np.median([w[k] for w in windows])) for k in ("qps", "p50_ms", "p99_ms", "target_qps")}
 
 

@@ -12,8 +12,8 @@ default contract, and the binary format of `stream.binary`):
 
 Both start timing after `--warmup` micro-batches, each pass with a fresh model, and time
 full micro-batches only (from Kafka, the topic's tail would wait `--max-wait-ms` for
-messages that never come). Passes
-alternate: in memory, then from Kafka in each format, then in memory again, `--rounds` times.
+messages that never come). Passes alternate: in memory, then from Kafka in each format,
+then in memory again, `--rounds` times.
 A round's ratio is its Kafka rate over the mean of the in-memory passes on either side of it,
 and each figure reported is the median over rounds: on a shared, noisy machine a burst of
 load then spoils one round, not one side. The last line is a JSON object with the figures.
