@@ -164,8 +164,7 @@ class Applier:
         finally:
             for fd in fds:
                 os.close(fd)
-        return Applied(dense, arrays,
-                       reply["live_rows"], reply["defaults"])
+        return Applied(dense, arrays, reply["live_rows"], reply["defaults"])
 
     def _start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
