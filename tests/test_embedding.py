@@ -17,6 +17,7 @@ from trainer.embedding import (
     KeyIndex,
     SparseOptimizerConfig,
 )
+from trainer.embedding.admission import ExactAdmission
 
 DIM = 4
 FAST = settings(max_examples=40, deadline=None)
@@ -164,6 +165,41 @@ def test_admission_after_filter_freq_sightings(freq: int, kind: str, batches: li
         assert set(ev.export()[0].tolist()) == live
         absent = np.array(sorted(set(seen) - live), dtype=np.int64)
         assert np.all(ev.lookup(absent).numpy() == -1.0), "no gradient reaches unadmitted keys"
+
+
+@FAST
+@given(
+    freq=st.integers(2, 4),
+    ops=st.lists(st.one_of(
+        st.tuples(st.just("see"), st.dictionaries(st.integers(-3, 3000), st.integers(1, 2), max_size=400)),
+        st.tuples(st.just("forget"), st.integers(0, 4)),
+        st.tuples(st.just("restore"), st.none()),
+    ), max_size=25),
+)
+def test_exact_counters_match_a_dict(freq: int, ops: list) -> None:
+    """The counter table (16-byte buckets, backward-shift deletion, sweeps that delete while
+    they scan, growth from 1k buckets) against a dict of (count, last step seen)."""
+    admission, ref = ExactAdmission(freq), {}
+    for step, (op, arg) in enumerate(ops, start=1):
+        if op == "see":
+            keys = np.array(list(arg), dtype=np.int64)
+            counts = np.array(list(arg.values()), dtype=np.int64)
+            admitted = admission.observe(keys, counts, step)
+            for key, add, got in zip(keys.tolist(), counts.tolist(), admitted.tolist()):
+                total = ref.pop(key, (0, 0))[0] + add
+                assert got == (total >= freq)
+                if total < freq:
+                    ref[key] = (total, step)
+        elif op == "forget":
+            admission.forget_stale(step, arg)
+            ref = {k: (c, seen) for k, (c, seen) in ref.items() if step - seen <= arg}
+        else:
+            restored = ExactAdmission(freq)
+            restored.load_state_dict(admission.state_dict())
+            admission = restored
+        state = admission.state_dict()
+        got = dict(zip(state["keys"].tolist(), zip(state["counts"].tolist(), state["last_seen"].tolist())))
+        assert got == ref
 
 
 def test_bloom_counters_saturate_instead_of_wrapping() -> None:

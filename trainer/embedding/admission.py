@@ -2,7 +2,7 @@
 
 Most ids of a recommendation stream are seen once or twice and never again; giving each a
 row (and publishing it to serving) costs memory and bandwidth for nothing. Two counters:
-- `counter`: exact counts of the not-yet-admitted keys, in their own index; stale ones are
+- `counter`: exact counts of the not-yet-admitted keys, in their own table; stale ones are
   forgotten by the table's steps_to_live eviction, which bounds its memory.
 - `bloom`: a counting Bloom filter of fixed size, from bloom_capacity and bloom_fp_rate.
   A false positive admits a key early, never late. Counters saturate at filter_freq (all
@@ -18,15 +18,14 @@ from numba import njit
 
 from trainer.embedding.config import AdmissionConfig
 from trainer.embedding.kernels import elapsed_steps
-from trainer.embedding.keyindex import KeyIndex, claim, hash64, probe, release, upcoming_slot
+from trainer.embedding.keyindex import hash64
 from trainer.embedding.prefetch import AHEAD, prefetch
 
 _SALT = np.int64(0x5BD1E9955BD1E995)
 
 
 NONE, EXACT, BLOOM = 0, 1, 2
-_NO_COUNTER = (np.full(16, -1, np.int64), np.zeros(16, np.int64), np.zeros(16, np.int64), np.zeros(3, np.int64),
-               np.zeros(16, np.int32), np.zeros(16, np.uint32))
+_NO_COUNTERS = np.zeros((16, 2), np.int64)
 _NO_BLOOM = np.zeros(1, np.uint8)
 
 
@@ -39,8 +38,8 @@ class Admission:
 
     def kernel_args(self, n: int) -> tuple:
         """Arguments of `observe_one` for a fused lookup kernel, with room for n new counters:
-        (kind, table, slot_key, free, meta, counts, last_seen, bloom counters, hashes, freq)."""
-        return (NONE, *_NO_COUNTER, _NO_BLOOM, 0, 0)
+        (kind, counter buckets, their meta, bloom counters, hashes, freq)."""
+        return (NONE, _NO_COUNTERS, np.zeros(1, np.int64), _NO_BLOOM, 0, 0)
 
     def forget_stale(self, step: int, steps_to_live: int) -> None:
         """Drops counters of keys not seen for steps_to_live steps (no-op if not tracked)."""
@@ -56,96 +55,160 @@ class Admission:
         return 0
 
 
+# -- exact counters: an open-addressing table of 16-byte buckets ------------------------------
+#
+# A bucket is [key, count << 32 | step mod 2^32 of the last sighting]; a zero second word is
+# an empty bucket (a stored count is >= 1). The key sits in the bucket, so counting a key is
+# one cache line: through a KeyIndex (probe table -> slot -> slot_key, counts, last_seen
+# arrays) it was four dependent misses, and about half the keys of a Zipf stream's batch
+# take this path. Linear probing with backward-shift deletion, as KeyIndex does.
+
+_COUNT_SHIFT = np.int64(32)
+_LOW32 = np.int64(0xFFFFFFFF)
+_COUNTER_MAX_LOAD = 0.6
+
+
 @njit(cache=True, inline="always")
-def count_one(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.ndarray, counts: np.ndarray,
-              last_seen: np.ndarray, key: np.int64, add: np.int64, step: np.int64, freq: np.int64) -> bool:
+def _find_counter(buckets: np.ndarray, key: np.int64) -> tuple[np.int64, bool]:
+    """(bucket of key, True) or (the empty bucket ending its chain, False)."""
+    mask = np.int64(buckets.shape[0] - 1)
+    pos = np.int64(hash64(key) & np.uint64(mask))
+    while True:
+        if buckets[pos, 1] == 0:
+            return pos, False
+        if buckets[pos, 0] == key:
+            return pos, True
+        pos = (pos + 1) & mask
+
+
+@njit(cache=True, inline="always")
+def _drop_counter(buckets: np.ndarray, meta: np.ndarray, hole: np.int64) -> None:
+    """Empties bucket `hole`, shifting back the later entries of its run whose home bucket
+    is not in (hole, j], so no chain is broken (no tombstones to rot under churn)."""
+    mask = np.int64(buckets.shape[0] - 1)
+    meta[0] -= 1
+    j = hole
+    while True:
+        j = (j + 1) & mask
+        if buckets[j, 1] == 0:
+            break
+        home = np.int64(hash64(buckets[j, 0]) & np.uint64(mask))
+        if (hole <= j and hole < home <= j) or (hole > j and (home > hole or home <= j)):
+            continue
+        buckets[hole, 0] = buckets[j, 0]
+        buckets[hole, 1] = buckets[j, 1]
+        hole = j
+    buckets[hole, 1] = 0
+
+
+@njit(cache=True, inline="always")
+def count_one(buckets: np.ndarray, meta: np.ndarray, key: np.int64, add: np.int64, step: np.int64,
+              freq: np.int64) -> bool:
     """Finds or creates the key's counter, adds, and drops it once admitted (the row takes
-    over; a key evicted later has to earn admission again). True when admitted."""
-    pos, slot = probe(table, slot_key, key)
-    total = add + (np.int64(counts[slot]) if slot >= 0 else np.int64(0))
+    over; a key evicted later has to earn admission again). True when admitted. The caller
+    has made room for a new counter (`ExactAdmission.kernel_args`)."""
+    pos, found = _find_counter(buckets, key)
+    total = add + (buckets[pos, 1] >> _COUNT_SHIFT if found else np.int64(0))
     if total >= freq:
-        if slot >= 0:
-            counts[slot] = 0  # marks the slot free for _stale
-            release(table, slot_key, free, meta, pos, slot)
+        if found:
+            _drop_counter(buckets, meta, pos)
         return True
-    if slot < 0:
-        slot = claim(table, slot_key, free, meta, key, pos)
-        ahead = upcoming_slot(free, meta, AHEAD)
-        if ahead >= 0:
-            prefetch(slot_key, ahead)
-            prefetch(counts, ahead)
-            prefetch(last_seen, ahead)
-    counts[slot] = total
-    last_seen[slot] = np.uint32(step & 0xFFFFFFFF)
+    if total <= 0:
+        return False  # nothing seen: nothing to store (a zero count would read as empty)
+    if not found:
+        buckets[pos, 0] = key
+        meta[0] += 1
+    buckets[pos, 1] = (total << _COUNT_SHIFT) | (step & _LOW32)
     return False
 
 
 @njit(cache=True)
-def _count(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.ndarray, counts: np.ndarray,
-           last_seen: np.ndarray, keys: np.ndarray, adds: np.ndarray, step: np.int64, freq: np.int64,
-           admitted: np.ndarray) -> None:
+def _count(buckets: np.ndarray, meta: np.ndarray, keys: np.ndarray, adds: np.ndarray, step: np.int64,
+           freq: np.int64, admitted: np.ndarray) -> None:
+    mask = np.uint64(buckets.shape[0] - 1)
     for i in range(keys.size):
-        admitted[i] = count_one(table, slot_key, free, meta, counts, last_seen, keys[i], adds[i], step, freq)
+        if i + AHEAD < keys.size:
+            prefetch(buckets, hash64(keys[i + AHEAD]) & mask)
+        admitted[i] = count_one(buckets, meta, keys[i], adds[i], step, freq)
 
 
 @njit(cache=True)
-def _stale(counts: np.ndarray, last_seen: np.ndarray, step: np.int64, steps_to_live: np.int64) -> np.ndarray:
-    """Slots of counters (count > 0: in use) not seen for more than steps_to_live steps."""
-    out = np.empty(counts.size, dtype=np.int64)
-    n = 0
-    for s in range(counts.size):
-        if counts[s] > 0 and elapsed_steps(step, last_seen[s]) > steps_to_live:
-            out[n] = s
-            n += 1
-    return out[:n]
+def _forget_stale(buckets: np.ndarray, meta: np.ndarray, step: np.int64, steps_to_live: np.int64) -> None:
+    """Drops, in one sweep, every counter not seen for more than steps_to_live steps. A drop
+    may shift a later entry into the bucket just dropped, so that bucket is looked at again."""
+    i = 0
+    while i < buckets.shape[0]:
+        word = buckets[i, 1]
+        if word != 0 and elapsed_steps(step, np.uint32(word & _LOW32)) > steps_to_live:
+            _drop_counter(buckets, meta, np.int64(i))
+            continue
+        i += 1
+
+
+@njit(cache=True)
+def _rehash_counters(old: np.ndarray, new: np.ndarray) -> None:
+    mask = np.int64(new.shape[0] - 1)
+    for i in range(old.shape[0]):
+        if old[i, 1] == 0:
+            continue
+        pos = np.int64(hash64(old[i, 0]) & np.uint64(mask))
+        while new[pos, 1] != 0:
+            pos = (pos + 1) & mask
+        new[pos, 0] = old[i, 0]
+        new[pos, 1] = old[i, 1]
+
+
+def _counter_buckets(n: int) -> np.ndarray:
+    """Empty buckets, a power of two that holds n counters under the maximum load."""
+    size = 1 << max(10, int(np.ceil(np.log2(max(n, 1) / _COUNTER_MAX_LOAD + 1))))
+    return np.zeros((size, 2), dtype=np.int64)
 
 
 class ExactAdmission(Admission):
     def __init__(self, filter_freq: int) -> None:
         self._freq = filter_freq
-        self._index = KeyIndex(1024)
-        self._counts = np.zeros(self._index.slot_capacity, dtype=np.int32)  # < filter_freq
-        self._last_seen = np.zeros(self._index.slot_capacity, dtype=np.uint32)  # step mod 2^32
+        self._buckets = _counter_buckets(0)
+        self._meta = np.zeros(1, dtype=np.int64)  # counters held
 
     def kernel_args(self, n: int) -> tuple:
-        table, slot_key, free, meta = self._index.arrays(n)
-        self._fit()
-        return (EXACT, table, slot_key, free, meta, self._counts, self._last_seen, _NO_BLOOM, 0, self._freq)
+        self._reserve(n)
+        return (EXACT, self._buckets, self._meta, _NO_BLOOM, 0, self._freq)
 
     def observe(self, keys: np.ndarray, counts: np.ndarray, step: int) -> np.ndarray:
-        table, slot_key, free, meta = self._index.arrays(keys.size)
-        self._fit()
+        self._reserve(keys.size)
         admitted = np.empty(keys.size, dtype=np.bool_)
-        _count(table, slot_key, free, meta, self._counts, self._last_seen, keys, counts, step, self._freq, admitted)
+        _count(self._buckets, self._meta, np.ascontiguousarray(keys, np.int64),
+               np.ascontiguousarray(counts, np.int64), step, self._freq, admitted)
         return admitted
 
     def forget_stale(self, step: int, steps_to_live: int) -> None:
-        hw = self._index.high_water
-        slots = _stale(self._counts[:hw], self._last_seen[:hw], step, steps_to_live)
-        self._index.remove(self._index.keys_of(slots))
-        self._counts[slots] = 0
+        _forget_stale(self._buckets, self._meta, step, steps_to_live)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        keys, slots = self._index.items()
-        return {"keys": keys, "counts": self._counts[slots], "last_seen": self._last_seen[slots]}
+        held = self._buckets[self._buckets[:, 1] != 0]
+        return {"keys": held[:, 0].copy(), "counts": (held[:, 1] >> _COUNT_SHIFT).astype(np.int32),
+                "last_seen": (held[:, 1] & _LOW32).astype(np.uint32)}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self._index = KeyIndex(max(1024, state["keys"].size))
-        slots = self._index.put(state["keys"])
-        self._counts = np.zeros(self._index.slot_capacity, dtype=np.int32)
-        self._last_seen = np.zeros(self._index.slot_capacity, dtype=np.uint32)
-        self._counts[slots] = state["counts"]
-        self._last_seen[slots] = state["last_seen"]
+        keys = np.asarray(state["keys"], dtype=np.int64)
+        held = np.empty((keys.size, 2), dtype=np.int64)
+        held[:, 0] = keys
+        held[:, 1] = (np.asarray(state["counts"], np.int64) << _COUNT_SHIFT) | np.asarray(state["last_seen"], np.int64)
+        if keys.size and (held[:, 1] >> _COUNT_SHIFT).min() < 1:
+            raise ValueError("admission counters must be >= 1")
+        self._buckets = _counter_buckets(keys.size)
+        _rehash_counters(held, self._buckets)
+        self._meta[0] = keys.size
 
     @property
     def nbytes(self) -> int:
-        return self._index.nbytes + self._counts.nbytes + self._last_seen.nbytes
+        return self._buckets.nbytes
 
-    def _fit(self) -> None:
-        rows = self._index.slot_capacity
-        if rows > self._counts.size:
-            self._counts = np.resize(self._counts, rows)
-            self._last_seen = np.resize(self._last_seen, rows)
+    def _reserve(self, n: int) -> None:
+        if self._meta[0] + n > _COUNTER_MAX_LOAD * self._buckets.shape[0]:
+            buckets = _counter_buckets(int(self._meta[0]) + n)
+            _rehash_counters(self._buckets, buckets)
+            self._buckets = buckets
 
 
 @njit(cache=True, inline="always")
@@ -183,7 +246,7 @@ class BloomAdmission(Admission):
         self._counters = np.zeros(size, dtype=dtype)
 
     def kernel_args(self, n: int) -> tuple:
-        return (BLOOM, *_NO_COUNTER, self._counters, self._n_hashes, self._freq)
+        return (BLOOM, _NO_COUNTERS, np.zeros(1, np.int64), self._counters, self._n_hashes, self._freq)
 
     def observe(self, keys: np.ndarray, counts: np.ndarray, step: int) -> np.ndarray:
         admitted = np.empty(keys.size, dtype=np.bool_)
@@ -212,12 +275,11 @@ def make_admission(config: AdmissionConfig) -> Admission:
 
 
 @njit(cache=True, inline="always")
-def observe_one(kind: np.int64, table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.ndarray,
-                counts: np.ndarray, last_seen: np.ndarray, bloom: np.ndarray, n_hashes: np.int64, freq: np.int64,
-                key: np.int64, add: np.int64, step: np.int64) -> bool:
+def observe_one(kind: np.int64, buckets: np.ndarray, meta: np.ndarray, bloom: np.ndarray, n_hashes: np.int64,
+                freq: np.int64, key: np.int64, add: np.int64, step: np.int64) -> bool:
     """One key's sightings, whichever the admission kind (`kernel_args` gives the arguments)."""
     if kind == EXACT:
-        return count_one(table, slot_key, free, meta, counts, last_seen, key, add, step, freq)
+        return count_one(buckets, meta, key, add, step, freq)
     if kind == BLOOM:
         return bloom_one(bloom, n_hashes, freq, key, add)
     return True

@@ -19,7 +19,7 @@ class AdmissionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    filter_freq: int = Field(default=0, ge=0)
+    filter_freq: int = Field(default=0, ge=0, le=2**31 - 1)  # counts are stored in 32 bits
     kind: Literal["counter", "bloom"] = "counter"
     # Counting Bloom filter sizing: expected distinct keys and the false-positive rate wanted.
     bloom_capacity: int = Field(default=10_000_000, ge=1)

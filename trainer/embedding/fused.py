@@ -37,8 +37,7 @@ def _candidate(table: np.ndarray, key: np.int64) -> np.int64:
 
 @njit(cache=True)
 def train_lookup(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.ndarray,
-                 a_kind: np.int64, a_table: np.ndarray, a_slot_key: np.ndarray, a_free: np.ndarray,
-                 a_meta: np.ndarray, a_counts: np.ndarray, a_last_seen: np.ndarray, bloom: np.ndarray,
+                 a_kind: np.int64, a_buckets: np.ndarray, a_meta: np.ndarray, bloom: np.ndarray,
                  n_hashes: np.int64, freq: np.int64,
                  keys: np.ndarray, adds: np.ndarray, step: np.int64, seed: np.int64, std: np.float32,
                  stamp: np.int64, default: np.float32,
@@ -54,7 +53,7 @@ def train_lookup(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta
     seed_hash = hash64(seed)
     dim = values.shape[1]
     mask = np.uint64(table.size - 1)
-    a_mask = np.uint64(a_table.size - 1)
+    a_mask = np.uint64(a_buckets.shape[0] - 1)
     n_new = 0
     for i in range(start, keys.size):
         # Software pipeline: the home bucket of the key 2 * AHEAD on, then, its bucket having
@@ -69,12 +68,11 @@ def train_lookup(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta
                 prefetch(values, slot)
                 prefetch_end(values, slot)
             elif a_kind == 1:
-                prefetch(a_table, hash64(keys[i + AHEAD]) & a_mask)
+                prefetch(a_buckets, hash64(keys[i + AHEAD]) & a_mask)
         key = keys[i]
         pos, slot = probe(table, slot_key, key)
         if slot < 0 and ((i == start and resumed) or observe_one(
-                a_kind, a_table, a_slot_key, a_free, a_meta, a_counts, a_last_seen, bloom, n_hashes, freq,
-                key, adds[i], step)):
+                a_kind, a_buckets, a_meta, bloom, n_hashes, freq, key, adds[i], step)):
             if meta[0] >= max_size or (meta[2] == 0 and meta[1] >= slot_key.size):
                 return n_new, i  # full: key i is admitted (counted), the next call resumes there
             slot = claim(table, slot_key, free, meta, key, pos)

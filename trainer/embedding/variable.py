@@ -28,7 +28,7 @@ from numba import njit
 from trainer.embedding import fused, kernels
 from trainer.embedding.admission import make_admission
 from trainer.embedding.config import EmbeddingVariableConfig
-from trainer.embedding.keyindex import KeyIndex, as_keys, grown
+from trainer.embedding.keyindex import KeyIndex, aligned_zeros, as_keys, grown
 from trainer.embedding.optimizers import SparseOptimizer
 
 _KEY_BYTES = 8
@@ -86,8 +86,8 @@ class EmbeddingVariable:
     def _reset(self, capacity: int) -> None:
         self._index = KeyIndex(capacity)
         rows = self._index.slot_capacity
-        self._values = np.zeros((rows, self.dim), dtype=np.float32)
-        self._state = {name: np.zeros((rows,) + shape, dtype=dtype)
+        self._values = aligned_zeros((rows, self.dim), np.float32)
+        self._state = {name: aligned_zeros((rows,) + shape, dtype)
                        for name, (shape, dtype) in self._optimizer.layout().items()}
         self._last_step = np.zeros(rows, dtype=np.uint32)  # step mod 2^32 of the last update
         self._stamps = np.zeros(rows, dtype=np.int64)  # 0: free slot
