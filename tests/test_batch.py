@@ -73,3 +73,31 @@ def test_the_handover_pipe_holds_a_whole_micro_batch():
         assert fcntl.fcntl(q._reader.fileno(), fcntl.F_GETPIPE_SZ) == 1 << 20
     finally:
         q.close()
+
+
+def test_training_pooling_equals_embedding_bag_forward_and_backward():
+    """The training step pools every feature in one kernel pass over a flat row buffer; it
+    must give what torch's embedding_bag gives over the same rows (which read-only scoring
+    and serving use), values and gradients, for single- and multi-valued, sum and mean
+    bags, shared tables and empty bags."""
+    from trainer.config import TrainerConfig
+    from trainer.sparse import SparseArch
+
+    schema = load_schema("movielens")
+    rng = np.random.default_rng(3)
+    features = [Features((float(i), 1.0), ((int(rng.integers(5)),), (int(rng.integers(9)),),
+                                           tuple(int(k) for k in rng.integers(0, 9, rng.integers(0, 4))),
+                                           tuple(int(k) for k in rng.integers(0, 6, rng.integers(0, 3))), (7,)))
+                for i in range(40)]
+    batch = build_batch(schema, features, [i % 2 for i in range(40)])
+    arch = SparseArch(schema, TrainerConfig().embedding)
+    pooled, step = arch.train_forward(batch)
+    rows = {name: arch.tables[name].lookup(t.keys).requires_grad_(True) for name, t in batch.tables.items()}
+    reference = pool(batch, rows)
+    weights = [torch.randn(p.shape) for p in reference]
+    sum((p * w).sum() for p, w in zip(pooled, weights)).backward()
+    sum((p * w).sum() for p, w in zip(reference, weights)).backward()
+    for got, want in zip(pooled, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    for i, name in enumerate(step.keys):
+        torch.testing.assert_close(step.rows.grad(i), rows[name].grad, rtol=1e-6, atol=1e-7)
