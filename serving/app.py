@@ -213,7 +213,7 @@ def _warm_up(schema: FeatureSchema, trainer_config: TrainerConfig) -> None:
     import numpy as np
 
     alloc = SharedArrays()
-    table = RowTable.build(np.arange(4, dtype=np.int64), np.zeros((4, 2), np.float32), 0.0, alloc.zeros)
+    table = RowTable.build(np.arange(4, dtype=np.int64), np.zeros((4, 2), np.float32), 0.0, alloc)
     arrays = table.lookup_arrays()
     fds = alloc.take_new(list(arrays.values()))
     mapped = {name: map_read_only(fd, a.shape, a.dtype) for (name, a), fd in zip(arrays.items(), fds)}

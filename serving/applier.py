@@ -21,14 +21,18 @@ socket, not the command line. Then one request and one reply per version:
 
     node   {"op": "snapshot", "version", "ref", "buffers": [a, b]}       build a; b = a copy
            {"op": "delta", "version", "ref", "buffer": b, "base": a}     a holds the base version
-    helper {"live_rows", "defaults", "arrays": [[buffer, table, name, shape, dtype], ...], "fds": n}
+    helper {"live_rows", "defaults", "arrays": [[buffer, table, name, shape, dtype], ...],
+            "grown": [[buffer, table, name, shape], ...], "fds": n}
            or {"error": "payload" | "redis", "message"}
 
 followed by messages carrying the n descriptors (SCM_RIGHTS, at most `_FDS_PER_MESSAGE`
 each): first a memory file holding the version's dense parameters (raw, back to back, in the
 order, dtypes and shapes of the configuration's "dense": nothing to parse or verify), then
 one per entry of "arrays": the lookup arrays (`table.LOOKUP_ARRAYS`) allocated since the
-previous reply (all of them after a snapshot, those of a table that grew after a delta).
+previous reply (all of them after a snapshot; after a delta, those of a table that grew past
+its memory files' reserve, or whose buckets were rehashed). "grown" names the arrays the node
+has mapped already that grew in place (`shm.SharedArrays.extend`): their new shapes, no
+descriptor.
 
 The node writes neither buffer and reads only its front one; it asks for a delta to be
 applied to the other (back) buffer only when no request reads it. Buffers are named by the
@@ -83,10 +87,12 @@ class ApplierDied(RuntimeError):
 @dataclass(frozen=True)
 class Applied:
     """What the node needs of a version the helper applied: the dense parameters, the lookup
-    arrays it has not mapped yet, rows per table, and (after a snapshot) default values."""
+    arrays it has not mapped yet, the new shapes of those that grew in place, rows per table,
+    and (after a snapshot) default values."""
 
     dense: dict[str, np.ndarray]
     arrays: list[tuple[int, str, str, np.ndarray]]  # (buffer, table, LOOKUP_ARRAYS name, array)
+    grown: list[tuple[int, str, str, tuple[int, ...]]]  # (buffer, table, LOOKUP_ARRAYS name, shape)
     live_rows: dict[str, int]
     defaults: dict[str, float]
 
@@ -164,7 +170,8 @@ class Applier:
         finally:
             for fd in fds:
                 os.close(fd)
-        return Applied(dense, arrays, reply["live_rows"], reply["defaults"])
+        grown = [(buffer, table, name, tuple(shape)) for buffer, table, name, shape in reply["grown"]]
+        return Applied(dense, arrays, grown, reply["live_rows"], reply["defaults"])
 
     def _start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -233,6 +240,7 @@ class _Tables:
         self.alloc = alloc
         self.buffers: dict[int, _Buffer] = {}
         self.last_delta: Payload | None = None  # what made the newer buffer's version
+        self.sent: dict[tuple[int, str, str], tuple[int, ...]] = {}  # lookup array -> shape the node knows
 
     def load_snapshot(self, payload: Payload, version: int, ids: list[int]) -> dict:
         _expect(payload, Kind.SNAPSHOT, version)
@@ -244,7 +252,7 @@ class _Tables:
             defaults[name] = float(_array(payload, f"table/{name}/default"))
             tables[name] = (keys, values)
         self.buffers, self.last_delta = {}, None  # the old tables are freed once the node lets go of them
-        first = _Buffer(version, {name: RowTable.build(keys, values, defaults[name], self.alloc.zeros)
+        first = _Buffer(version, {name: RowTable.build(keys, values, defaults[name], self.alloc)
                                   for name, (keys, values) in tables.items()})
         self.buffers = {ids[0]: first, ids[1]: _copy(first)}
         return self._reply(payload, dense, first, defaults)
@@ -296,18 +304,22 @@ class _Tables:
 
     def _reply(self, payload: Payload, dense: dict[str, np.ndarray], written: _Buffer,
                defaults: dict[str, float]) -> tuple[dict, list[int]]:
-        """The reply and its descriptors: the dense file, then the lookup arrays the node has not mapped."""
+        """The reply and its descriptors: the dense file, then the lookup arrays the node has not
+        mapped; and the new shapes of those it has that grew in place."""
         entries = [(b, name, field, array) for b, buffer in sorted(self.buffers.items())
                    for name, table in buffer.tables.items() for field, array in table.lookup_arrays().items()]
-        new = [(entry, fd) for entry, fd in zip(entries, self.alloc.take_new([e[3] for e in entries]))
-               if fd is not None]
+        fds = self.alloc.take_new([e[3] for e in entries])
+        new = [(entry, fd) for entry, fd in zip(entries, fds) if fd is not None]
+        grown = [[b, name, field, list(a.shape)] for (b, name, field, a), fd in zip(entries, fds)
+                 if fd is None and self.sent[b, name, field] != a.shape]
+        self.sent = {(b, name, field): a.shape for b, name, field, a in entries}
         raw = b"".join(np.ascontiguousarray(dense[name], dtype).tobytes() for name, (dtype, _) in self.dense.items())
         dense_fd = memory_file(max(1, len(raw)))
         os.pwrite(dense_fd, raw, 0)
         reply = {"defaults": defaults,
                  "live_rows": {name: len(t) for name, t in written.tables.items()},
                  "arrays": [[b, name, field, list(a.shape), a.dtype.str] for (b, name, field, a), _ in new],
-                 "fds": 1 + len(new)}
+                 "grown": grown, "fds": 1 + len(new)}
         return reply, [dense_fd] + [fd for _, fd in new]
 
 

@@ -30,6 +30,7 @@ from publisher.config import RedisConfig
 from publisher.manifest import Manifest
 from publisher.payload import PayloadError
 from serving.applier import Applied, Applier
+from serving.shm import extended
 from serving.table import TableView
 from stream.sample import Features
 from stream.schema import FeatureSchema
@@ -92,13 +93,18 @@ class _Buffer:
 
     def take(self, applied: Applied, defaults: dict[str, float]) -> None:
         """The version the helper wrote into this buffer (nobody may be reading it): its
-        newly allocated arrays and its dense parameters."""
-        grown = set()
+        newly allocated arrays, the new shapes of those that grew in place, and its dense
+        parameters."""
+        changed = set()
         for buffer, table, name, array in applied.arrays:
             if buffer == self.id:
                 self._arrays.setdefault(table, {})[name] = array
-                grown.add(table)
-        for table in grown:
+                changed.add(table)
+        for buffer, table, name, shape in applied.grown:
+            if buffer == self.id:
+                self._arrays[table][name] = extended(self._arrays[table][name], shape)
+                changed.add(table)
+        for table in changed:
             self.tables[table] = TableView(defaults[table], self._arrays[table])
         for name, target in self.dense_state.items():
             np.copyto(target, applied.dense[name], casting="same_kind")

@@ -5,15 +5,16 @@ backward-shift deletion, so probe chains stay short under constant upserts and
 tombstones. Rows live in a dense array indexed by slot; freed slots are reused.
 
 A serving node writes its tables in another process (`serving/applier.py`), in arrays of
-shared memory (`RowTable(alloc=SharedArrays().zeros)`), and reads them through a
-`TableView` of the same pages, mapped read-only. A table is not safe to read while it is
+shared memory (`RowTable(alloc=SharedArrays())`), and reads them through a `TableView` of
+the same pages, mapped read-only; a table that outgrows its rows extends its arrays in place
+when the allocator can (`Allocator.extend`), so the reader need not map them anew. A table is not safe to read while it is
 written; the node keeps two of each (double buffering) and writes only those no request
 reads. Every kernel is compiled with `nogil=True`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Protocol
 
 import numpy as np
 from numba import njit
@@ -25,7 +26,29 @@ _EMPTY = np.int64(-1)
 _MAX_LOAD = 0.5  # serving reads far more than it writes: short probe chains are worth the memory
 LOOKUP_ARRAYS = ("buckets", "keys", "values")  # what a TableView needs of a RowTable
 
-Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]  # a zero-filled array of shape, dtype
+
+
+class Allocator(Protocol):
+    """Where a RowTable's arrays live."""
+
+    def zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A zero-filled array."""
+        ...
+
+    def extend(self, array: np.ndarray, rows: int) -> np.ndarray | None:
+        """`array` with `rows` rows in the same memory (its rows unchanged, the new ones zero),
+        or None if it cannot grow in place."""
+        ...
+
+
+class NumpyArrays:
+    """Numpy's memory: arrays never grow in place."""
+
+    def zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        return np.zeros(shape, dtype)
+
+    def extend(self, array: np.ndarray, rows: int) -> np.ndarray | None:
+        return None
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -162,20 +185,21 @@ class RowTable:
     """int64 key -> float32 row of `dim`; absent keys read `default_value`. Its arrays come
     from `alloc` (numpy's by default; shared memory for a serving node)."""
 
-    def __init__(self, dim: int, default_value: float = 0.0, capacity: int = 16, alloc: Alloc | None = None) -> None:
+    def __init__(self, dim: int, default_value: float = 0.0, capacity: int = 16,
+                 alloc: Allocator | None = None) -> None:
         capacity = max(int(capacity), 16)
         self.dim = dim
         self.default_value = float(default_value)
-        self._alloc: Alloc = alloc or np.zeros
+        self._alloc: Allocator = alloc or NumpyArrays()
         self._buckets = self._new_buckets(_buckets_for(capacity))
-        self._keys = self._alloc((capacity,), np.int64)
-        self._values = self._alloc((capacity, dim), np.float32)
-        self._free = self._alloc((capacity,), np.int64)
+        self._keys = self._alloc.zeros((capacity,), np.int64)
+        self._values = self._alloc.zeros((capacity, dim), np.float32)
+        self._free = self._alloc.zeros((capacity,), np.int64)
         self._meta = np.zeros(3, dtype=np.int64)
 
     @classmethod
     def build(cls, keys: np.ndarray, values: np.ndarray, default_value: float,
-              alloc: Alloc | None = None) -> "RowTable":
+              alloc: Allocator | None = None) -> "RowTable":
         keys = _as_keys(keys)
         # Headroom: new keys in the next deltas should not make the first of them regrow the table.
         table = cls(values.shape[1] if values.ndim == 2 else 0, default_value, len(keys) * 5 // 4, alloc)
@@ -225,10 +249,10 @@ class RowTable:
         """An independent copy, its arrays from the same allocator."""
         other = RowTable.__new__(RowTable)
         other.dim, other.default_value, other._alloc = self.dim, self.default_value, self._alloc
-        other._buckets = self._grown(self._buckets, self._buckets.shape[0])
-        other._keys = self._grown(self._keys, self._keys.shape[0])
-        other._values = self._grown(self._values, self._values.shape[0])
-        other._free = self._grown(self._free, self._free.shape[0])
+        other._buckets = self._copied(self._buckets, self._buckets.shape[0])
+        other._keys = self._copied(self._keys, self._keys.shape[0])
+        other._values = self._copied(self._values, self._values.shape[0])
+        other._free = self._copied(self._free, self._free.shape[0])
         other._meta = self._meta.copy()
         return other
 
@@ -246,13 +270,18 @@ class RowTable:
             self._free = self._grown(self._free, rows)
 
     def _new_buckets(self, n: int) -> np.ndarray:
-        buckets = self._alloc((n,), np.int64)
+        buckets = self._alloc.zeros((n,), np.int64)
         buckets.fill(_EMPTY)
         return buckets
 
     def _grown(self, array: np.ndarray, rows: int) -> np.ndarray:
+        """`array` with `rows` rows: extended in place if the allocator can, else copied."""
+        out = self._alloc.extend(array, rows)
+        return self._copied(array, rows) if out is None else out
+
+    def _copied(self, array: np.ndarray, rows: int) -> np.ndarray:
         """A new array of `rows` rows from the allocator, starting with a copy of `array`."""
-        out = self._alloc((rows,) + array.shape[1:], array.dtype)
+        out = self._alloc.zeros((rows,) + array.shape[1:], array.dtype)
         if array.size:
             _copy_rows(out, array)
         return out

@@ -30,6 +30,29 @@ def test_shared_arrays_are_the_same_pages_in_another_mapping_and_handed_over_onc
     assert alloc.take_new([kept]) == [None]  # the node has it already
 
 
+def test_shared_arrays_grow_in_place_within_their_reserve_and_the_other_mapping_follows():
+    import mmap
+
+    from serving.shm import RESERVE, extended
+
+    alloc = SharedArrays()
+    n = mmap.PAGESIZE // 8  # rows of 8 bytes: a page, in a file of RESERVE pages
+    rows = alloc.zeros((n, 2), np.float32)
+    rows[3] = 3.0
+    (fd,) = alloc.take_new([rows])
+    view = map_read_only(fd, (n, 2), np.float32)
+    more = alloc.extend(rows, n * RESERVE)
+    assert more.ctypes.data == rows.ctypes.data and more.shape == (n * RESERVE, 2)
+    assert more[3].tolist() == [3.0, 3.0] and not more[n:].any()
+    assert alloc.take_new([more]) == [None]  # the same array: nothing to hand over
+    more[-1] = 9.0
+    wide = extended(view, more.shape)  # the node's view of the grown array: same pages, no new mapping
+    assert wide.ctypes.data == view.ctypes.data and wide[-1].tolist() == [9.0, 9.0] and not wide.flags.writeable
+    assert alloc.extend(rows, n * RESERVE + 1) is None  # past the reserve: the table copies into a new array
+    with pytest.raises(ValueError, match="does not fit"):
+        extended(view, (n * RESERVE + 1, 2))
+
+
 def write_chain(versions: Versions) -> None:
     store = versions.store
     snapshot = versions.snapshot(1, {"user": {1: 1.0}, "item": {1: 1.0}})

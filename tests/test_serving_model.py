@@ -173,8 +173,9 @@ def test_double_buffer_serves_each_version_whole_and_applies_every_delta_to_both
 
 
 def test_tables_that_grow_are_mapped_anew_in_both_buffers(holder, versions):
-    """A delta far larger than the snapshot makes the helper reallocate the tables of each
-    buffer in turn; the node reads the new arrays, never stale ones."""
+    """A delta far larger than the snapshot (past the tables' memory file reserve) makes the
+    helper reallocate the tables of each buffer in turn; the node reads the new arrays, never
+    stale ones."""
     holder.load_snapshot(versions.snapshot(1, {"user": {1: 1.0}, "item": {1: 1.0}}))
     many = {k: float(k) for k in range(2, 5000)}
     holder.apply_delta(versions.write(versions.delta(2, many)))
@@ -183,6 +184,33 @@ def test_tables_that_grow_are_mapped_anew_in_both_buffers(holder, versions):
     holder.apply_delta(versions.write(versions.delta(4, {5000: 7.0})))
     assert users(holder.current, [1, 2, 4999, 5000]) == [-1.0, 2.0, 4999.0, 7.0]
     assert holder.current.live_rows["user"] == 5000
+
+
+def test_tables_that_outgrow_their_rows_grow_in_place_and_are_not_mapped_anew(holder, versions):
+    """Within their memory files' reserve, tables that outgrow their rows get more in place:
+    no descriptor comes over for them, and the node's arrays keep their mapping (the same
+    address, a longer shape), so it maps and touches nothing anew."""
+    first = {k: float(k) for k in range(1000)}  # 1250 rows each; rehashed past 2048 keys
+    holder.load_snapshot(versions.snapshot(1, {"user": first, "item": first}))
+    buffers = (holder._front, holder._back)
+    before = {(b.id, t, name): (a.ctypes.data, a.shape) for b in buffers
+              for t, arrays in b._arrays.items() for name, a in arrays.items()}
+    replies = []
+    apply = holder._applier.apply_delta
+    holder._applier.apply_delta = lambda *args: replies.append(apply(*args)) or replies[-1]
+    holder.apply_delta(versions.write(versions.delta(2, {k: float(k) for k in range(1000, 1300)})))
+    holder.apply_delta(versions.write(versions.delta(3, {1: -1.0})))  # the other buffer: catches up on 2, grows
+    assert [r.arrays for r in replies] == [[], []]
+    assert {(b, t) for r in replies for b, t, _, _ in r.grown} == {(b.id, t) for b in buffers for t in ("user", "item")}
+    for b in buffers:
+        for t, arrays in b._arrays.items():
+            for name, a in arrays.items():
+                address, shape = before[b.id, t, name]
+                assert a.ctypes.data == address and not a.flags.writeable
+                assert a.shape[0] > shape[0] if name in ("keys", "values") else a.shape == shape
+    assert users(holder.current, [1, 999, 1000, 1299, 1300]) == [-1.0, 999.0, 1000.0, 1299.0, 0.0]
+    holder.apply_delta(versions.write(versions.delta(4, {1300: 7.0})))
+    assert users(holder.current, [1, 1299, 1300]) == [-1.0, 1299.0, 7.0]
 
 
 def test_a_reader_that_never_lets_go_gets_its_buffer_kept_and_a_new_one_is_filled(holder, versions):
