@@ -368,6 +368,9 @@ def _serve(sock: socket.socket) -> None:
         except (redis.RedisError, OSError) as e:
             sock.sendall(json.dumps({"error": "redis", "message": f"{type(e).__name__}: {e}"}).encode())
             continue
+        if not niced:  # before the reply: the node serves as soon as it has it
+            os.nice(NICE)  # (a non-root process cannot undo this)
+            niced = True
         try:
             sock.sendall(json.dumps(reply).encode())
             for i in range(0, len(fds), _FDS_PER_MESSAGE):
@@ -375,9 +378,6 @@ def _serve(sock: socket.socket) -> None:
         finally:
             for fd in fds:
                 os.close(fd)
-        if not niced:
-            os.nice(NICE)  # the node serves now (a non-root process cannot undo this)
-            niced = True
 
 
 def main() -> None:
