@@ -99,5 +99,5 @@ def test_training_pooling_equals_embedding_bag_forward_and_backward():
     sum((p * w).sum() for p, w in zip(reference, weights)).backward()
     for got, want in zip(pooled, reference, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    for i, name in enumerate(step.keys):
-        torch.testing.assert_close(step.rows.grad(i), rows[name].grad, rtol=1e-6, atol=1e-7)
+    for i, name in enumerate(step.keys):  # the same sums, maybe in another order
+        torch.testing.assert_close(step.rows.grad(i), rows[name].grad, rtol=1e-5, atol=1e-6)

@@ -25,11 +25,13 @@ from trainer.embedding import unique_segments
 
 @dataclass(frozen=True)
 class FeatureBag:
-    """One sparse feature in a batch: indices into its table's unique keys, and bag offsets."""
+    """One sparse feature in a batch: indices into its table's unique keys, and bag offsets.
+    numpy, not tensors: the training step's pooling kernel reads numpy, and wrapping ~50
+    arrays a batch as tensors cost the training process more than the step needed of it."""
 
     table: str
-    indices: torch.Tensor  # int64 [total ids in the batch for this feature]
-    offsets: torch.Tensor  # int64 [batch size]: where each example's bag starts
+    indices: np.ndarray  # int64 [total ids in the batch for this feature]
+    offsets: np.ndarray | None  # int64 [batch size]: where each example's bag starts; None: one id each
     mode: str  # "sum" | "mean"
 
 
@@ -73,7 +75,7 @@ class BatchArrays:
 
     dense: np.ndarray  # float32 [B, n_dense]
     bag_indices: list[np.ndarray]  # int64, per sparse feature
-    bag_offsets: list[np.ndarray]  # int64 [B], per sparse feature
+    bag_offsets: list[np.ndarray | None]  # int64 [B] bag starts per sparse feature; None: one id per bag
     tables: dict[str, tuple[np.ndarray, np.ndarray]]  # table -> (unique keys, counts)
     tables_of_bags: list[str]
     modes: list[str]
@@ -88,14 +90,15 @@ class BatchArrays:
         process more than the bytes did."""
         names = list(self.tables)
         return (_unpack_batch_arrays, (
-            self.dense, self.labels, _concat(self.bag_indices), _concat(self.bag_offsets), names,
-            _concat([self.tables[n][0] for n in names]), _concat([self.tables[n][1] for n in names]),
-            self.tables_of_bags, self.modes))
+            self.dense, self.labels, _concat(self.bag_indices), _concat([o for o in self.bag_offsets if o is not None]),
+            [o is not None for o in self.bag_offsets], names, _concat([self.tables[n][0] for n in names]),
+            _concat([self.tables[n][1] for n in names]), self.tables_of_bags, self.modes))
 
     @classmethod
     def build(cls, schema: FeatureSchema, dense: np.ndarray, per_feature: Sequence[tuple[np.ndarray, np.ndarray]],
               labels: np.ndarray | None) -> "BatchArrays":
-        """From the dense matrix and, per sparse feature, its flat keys and bag start offsets."""
+        """From the dense matrix and, per sparse feature, its flat keys and each example's
+        number of ids. A feature with one id in every example gets no offsets (None)."""
         by_table: dict[str, list[int]] = {}
         for i, f in enumerate(schema.sparse):
             by_table.setdefault(f.table_name, []).append(i)
@@ -114,28 +117,23 @@ class BatchArrays:
                 end = start + len(per_feature[i][0])
                 indices[i] = inverse[start:end]
                 start = end
-        return cls(np.ascontiguousarray(dense, dtype=np.float32), indices,
-                   [np.asarray(p[1], dtype=np.int64) for p in per_feature], tables,
+        return cls(np.ascontiguousarray(dense, dtype=np.float32), indices, [_starts(p[1]) for p in per_feature], tables,
                    [f.table_name for f in schema.sparse], [f.pooling for f in schema.sparse], labels)
 
     @classmethod
     def from_decoded(cls, schema: FeatureSchema, decoded: DecodedBatch) -> "BatchArrays":
-        per_feature = []
-        for col in decoded.sparse:
-            offsets = np.zeros(len(col.lengths), dtype=np.int64)
-            np.cumsum(col.lengths[:-1], out=offsets[1:])
-            per_feature.append((col.keys, offsets))
+        per_feature = [(col.keys, col.lengths) for col in decoded.sparse]
         return cls.build(schema, decoded.dense, per_feature, decoded.labels.astype(np.float32))
 
     @classmethod
     def from_batch(cls, batch: Batch) -> "BatchArrays":
-        return cls(batch.dense.numpy(), [b.indices.numpy() for b in batch.bags], [b.offsets.numpy() for b in batch.bags],
+        return cls(batch.dense.numpy(), [b.indices for b in batch.bags], [b.offsets for b in batch.bags],
                    {name: (t.keys, t.counts) for name, t in batch.tables.items()}, [b.table for b in batch.bags],
                    [b.mode for b in batch.bags], None if batch.labels is None else batch.labels.numpy())
 
     def to_batch(self) -> Batch:
         bags = tuple(
-            FeatureBag(t, torch.from_numpy(i), torch.from_numpy(o), m)
+            FeatureBag(t, i, o, m)
             for t, i, o, m in zip(self.tables_of_bags, self.bag_indices, self.bag_offsets, self.modes)
         )
         tables = {name: TableKeys(keys, counts) for name, (keys, counts) in self.tables.items()}
@@ -156,16 +154,25 @@ def _split(packed: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
 
 
 def _unpack_batch_arrays(dense: np.ndarray, labels: np.ndarray | None, indices: tuple, offsets: tuple,
-                         names: list[str], keys: tuple, counts: tuple, tables_of_bags: list[str],
+                         multi: list[bool], names: list[str], keys: tuple, counts: tuple, tables_of_bags: list[str],
                          modes: list[str]) -> BatchArrays:
-    return BatchArrays(dense, _split(indices), _split(offsets), dict(zip(names, zip(_split(keys), _split(counts)))),
-                       tables_of_bags, modes, labels)
+    given = iter(_split(offsets))
+    return BatchArrays(dense, _split(indices), [next(given) if m else None for m in multi],
+                       dict(zip(names, zip(_split(keys), _split(counts)))), tables_of_bags, modes, labels)
+
+
+def _starts(lengths: np.ndarray) -> np.ndarray | None:
+    """Each bag's start from the bags' lengths; None when every bag holds one id."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if np.all(lengths == 1):
+        return None
+    starts = np.zeros(lengths.size, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return starts
 
 
 def _flatten(features: Sequence[Features], i: int) -> tuple[np.ndarray, np.ndarray]:
-    """Flat keys of sparse feature i across the batch, and each example's start offset."""
+    """Flat keys of sparse feature i across the batch, and each example's number of them."""
     lengths = np.fromiter((len(f.sparse[i]) for f in features), dtype=np.int64, count=len(features))
-    offsets = np.zeros(len(features), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=offsets[1:])
     keys = np.fromiter(chain.from_iterable(f.sparse[i] for f in features), dtype=np.int64, count=int(lengths.sum()))
-    return keys, offsets
+    return keys, lengths

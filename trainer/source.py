@@ -101,6 +101,9 @@ def _samples_from_arrays(arrays: BatchArrays, event_times: np.ndarray) -> list[S
     per_feature = []
     for table, indices, offsets in zip(arrays.tables_of_bags, arrays.bag_indices, arrays.bag_offsets):
         keys = arrays.tables[table][0][indices].tolist()
+        if offsets is None:
+            per_feature.append([(k,) for k in keys])
+            continue
         ends = [*offsets[1:].tolist(), len(keys)]
         per_feature.append([tuple(keys[a:b]) for a, b in zip(offsets.tolist(), ends)])
     sparse = list(zip(*per_feature)) if per_feature else [()] * n

@@ -31,9 +31,11 @@ RowSource = Callable[[str, np.ndarray], torch.Tensor]
 
 
 def pool(batch: Batch, rows: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-    """One pooled embedding [B, dim] per sparse feature, from each table's rows for the batch."""
+    """One pooled embedding [B, dim] per sparse feature, from each table's rows for the batch
+    (a bag of one id pools to its row, whether summed or averaged)."""
     return [
-        F.embedding_bag(bag.indices, rows[bag.table], bag.offsets, mode=bag.mode)
+        F.embedding(torch.from_numpy(bag.indices), rows[bag.table]) if bag.offsets is None else
+        F.embedding_bag(torch.from_numpy(bag.indices), rows[bag.table], torch.from_numpy(bag.offsets), mode=bag.mode)
         for bag in batch.bags
     ]
 
@@ -79,7 +81,7 @@ class SparseArch:
         rows = RowBuffer([(k.size, self.tables[name].dim) for name, k in keys.items()])
         for name, t in batch.tables.items():
             self.tables[name].train_lookup(t.keys, t.counts, out=rows.rows(part[name]))
-        bags = [_bags(rows, part[bag.table], bag, len(batch)) for bag in batch.bags]
+        bags = [_bags(rows, part[bag.table], bag) for bag in batch.bags]
         pooled = pool_concat(rows.values, bags)
         return list(torch.split(pooled, [b.dim for b in bags], dim=1)), SparseStep(keys, rows)
 
@@ -99,11 +101,8 @@ class SparseArch:
         return {name: len(t) for name, t in self.tables.items()}
 
 
-def _bags(rows: RowBuffer, part: int, bag: FeatureBag, n_bags: int) -> Bags:
-    """A feature's bags for pool_concat. embedding_bag's offsets are bag starts; the kernel
-    takes n_bags + 1 bounds, or none when every bag holds exactly one id."""
-    indices = bag.indices.numpy()
-    starts = bag.offsets.numpy()
-    if indices.size == n_bags and np.array_equal(starts, np.arange(n_bags)):
-        return rows.bags(part, indices, mean=bag.mode == "mean")
-    return rows.bags(part, indices, np.append(starts, indices.size), mean=bag.mode == "mean")
+def _bags(rows: RowBuffer, part: int, bag: FeatureBag) -> Bags:
+    """A feature's bags for pool_concat, which takes n_bags + 1 bounds (a batch's offsets are
+    bag starts), or none when every bag holds one id."""
+    bounds = None if bag.offsets is None else np.append(bag.offsets, bag.indices.size)
+    return rows.bags(part, bag.indices, bounds, mean=bag.mode == "mean")
