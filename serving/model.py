@@ -31,7 +31,7 @@ from publisher.manifest import Manifest
 from publisher.payload import PayloadError
 from serving.applier import Applied, Applier
 from serving.shm import extended
-from serving.table import TableView
+from serving.table import PROBED_ARRAYS, TableView
 from stream.sample import Features
 from stream.schema import FeatureSchema
 from trainer.config import TrainerConfig
@@ -102,7 +102,7 @@ class _Buffer:
                 changed.add(table)
         for buffer, table, name, shape in applied.grown:
             if buffer == self.id:
-                self._arrays[table][name] = extended(self._arrays[table][name], shape)
+                self._arrays[table][name] = extended(self._arrays[table][name], shape, name in PROBED_ARRAYS)
                 changed.add(table)
         for table in changed:
             self.tables[table] = TableView(defaults[table], self._arrays[table])

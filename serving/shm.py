@@ -9,9 +9,9 @@ the last mapping of it goes.
 
 Each file is `RESERVE` times the array's first size, and both processes map all of it once:
 a table that outgrows its rows gets them in place (`SharedArrays.extend`, `extended`), with
-no new file, no new mapping and no page touched. The reserve is address space, not memory:
-a memory file holds pages only where they were written or read, and nothing reads past an
-array's rows. (A new file per growth made the worker map and touch all 52 key and value
+no new file, no new mapping and no row touched, and its buckets double in place. The reserve
+is address space, not memory: a memory file holds pages only where they were written or
+read, and nothing reads past an array's rows. (A new file per growth made the worker map and touch all 52 key and value
 arrays of a 26-table node, 107 MB per buffer, in the version where they all outgrew their
 rows: 48-60 ms of its CPU, against ~0.7 ms for any other version.)
 """
@@ -103,15 +103,20 @@ def _mapping_of(array: np.ndarray) -> mmap.mmap:
     return base
 
 
-def extended(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def extended(array: np.ndarray, shape: tuple[int, ...], touch: bool = False) -> np.ndarray:
     """A view of `shape` over the mapping `array` is a view of, from the same address: what a
     table that grew in place looks like, in the process that writes it or one that maps it.
-    No page is touched: the pages of rows added later are faulted in by the first request
-    that reads them, a few pages per version, rather than all at once by the worker."""
+    With `touch`, the added pages are touched as in `map_read_only` (for what every lookup
+    probes, the buckets); without, rows added later are faulted in by the first request
+    that reads them, a few pages per version (touching them all at once would also allocate
+    pages nothing was written to: reading a hole of a memory file allocates it)."""
     mapping = _mapping_of(array)
     count = math.prod(shape)
     if count * array.itemsize > len(mapping):
         raise ValueError(f"{shape} x {array.dtype} does not fit a memory file of {len(mapping)} bytes")
+    if touch:
+        added = max(0, count * array.itemsize - array.nbytes)
+        _touch(np.frombuffer(mapping, np.uint8, count=added, offset=array.nbytes), mmap.PAGESIZE)
     return np.frombuffer(mapping, array.dtype, count=count).reshape(shape)
 
 

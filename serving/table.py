@@ -25,6 +25,9 @@ from trainer.embedding.prefetch import AHEAD, prefetch, prefetch_end
 _EMPTY = np.int64(-1)
 _MAX_LOAD = 0.5  # serving reads far more than it writes: short probe chains are worth the memory
 LOOKUP_ARRAYS = ("buckets", "keys", "values")  # what a TableView needs of a RowTable
+# Of those, what every lookup probes at random: a reader touches all of it before reading
+# (the rows are read only where a key was written).
+PROBED_ARRAYS = ("buckets",)
 
 
 
@@ -259,15 +262,26 @@ class RowTable:
     def _reserve(self, n: int) -> None:
         size = int(self._meta[0])
         if size + n > _MAX_LOAD * self._buckets.size:
-            buckets = self._new_buckets(_buckets_for(size + n))
-            _rehash(self._buckets, buckets, self._keys)
-            self._buckets = buckets
+            self._buckets = self._rehashed(_buckets_for(size + n))
         need = int(self._meta[1]) + max(0, n - int(self._meta[2]))
         if need > self._keys.size:
             rows = max(need, int(1.25 * self._keys.size))
             self._keys = self._grown(self._keys, rows)
             self._values = self._grown(self._values, rows)
             self._free = self._grown(self._free, rows)
+
+    def _rehashed(self, n: int) -> np.ndarray:
+        """The buckets rehashed into `n`: in place if the allocator can extend them (from a
+        private copy of the old ones), else into new buckets."""
+        buckets = self._alloc.extend(self._buckets, n)
+        if buckets is None:
+            buckets = self._new_buckets(n)
+            _rehash(self._buckets, buckets, self._keys)
+        else:
+            old = self._buckets.copy()
+            buckets.fill(_EMPTY)
+            _rehash(old, buckets, self._keys)
+        return buckets
 
     def _new_buckets(self, n: int) -> np.ndarray:
         buckets = self._alloc.zeros((n,), np.int64)

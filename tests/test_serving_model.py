@@ -13,6 +13,7 @@ from publisher.payload import Kind, Payload, PayloadError, encode
 from publisher.redis_store import RedisVersionStore
 from serving.applier import ApplierDied
 from serving.model import Inputs, ModelHolder, SparseInput
+from serving.shm import SharedArrays
 from serving.table import RowTable
 from stream.schema import FeatureSchema
 from trainer.config import TrainerConfig
@@ -58,10 +59,13 @@ def test_apply_matches_a_dict_model(initial, deltas):
     np.testing.assert_array_equal(t.lookup(probe)[:, 1], [expected.get(int(k), 0.0) for k in probe])
 
 
-def test_heavy_churn_keeps_every_key_reachable():
-    """Many inserts and deletes through growth: probe chains stay intact (backward-shift deletion)."""
+@pytest.mark.parametrize("alloc", [None, SharedArrays], ids=["numpy", "shared"])
+def test_heavy_churn_keeps_every_key_reachable(alloc):
+    """Many inserts and deletes through growth: probe chains stay intact (backward-shift
+    deletion); in shared memory, arrays grow and buckets are rehashed in place, then (past
+    the reserve) into new files."""
     rng = np.random.default_rng(0)
-    t = RowTable(1, -1.0)
+    t = RowTable(1, -1.0, alloc=alloc and alloc())
     live: dict[int, float] = {}
     for step in range(40):
         up = rng.integers(0, 5000, 800)
@@ -187,10 +191,11 @@ def test_tables_that_grow_are_mapped_anew_in_both_buffers(holder, versions):
 
 
 def test_tables_that_outgrow_their_rows_grow_in_place_and_are_not_mapped_anew(holder, versions):
-    """Within their memory files' reserve, tables that outgrow their rows get more in place:
-    no descriptor comes over for them, and the node's arrays keep their mapping (the same
-    address, a longer shape), so it maps and touches nothing anew."""
-    first = {k: float(k) for k in range(1000)}  # 1250 rows each; rehashed past 2048 keys
+    """Within their memory files' reserve, tables that outgrow their rows get more in place,
+    and their buckets are rehashed in place: no descriptor comes over for them, and the
+    node's arrays keep their mapping (the same address, a longer shape), so it maps nothing
+    anew."""
+    first = {k: float(k) for k in range(1000)}  # 1250 rows and 4096 buckets each
     holder.load_snapshot(versions.snapshot(1, {"user": first, "item": first}))
     buffers = (holder._front, holder._back)
     before = {(b.id, t, name): (a.ctypes.data, a.shape) for b in buffers
@@ -198,7 +203,7 @@ def test_tables_that_outgrow_their_rows_grow_in_place_and_are_not_mapped_anew(ho
     replies = []
     apply = holder._applier.apply_delta
     holder._applier.apply_delta = lambda *args: replies.append(apply(*args)) or replies[-1]
-    holder.apply_delta(versions.write(versions.delta(2, {k: float(k) for k in range(1000, 1300)})))
+    holder.apply_delta(versions.write(versions.delta(2, {k: float(k) for k in range(1000, 2300)})))
     holder.apply_delta(versions.write(versions.delta(3, {1: -1.0})))  # the other buffer: catches up on 2, grows
     assert [r.arrays for r in replies] == [[], []]
     assert {(b, t) for r in replies for b, t, _, _ in r.grown} == {(b.id, t) for b in buffers for t in ("user", "item")}
@@ -206,11 +211,10 @@ def test_tables_that_outgrow_their_rows_grow_in_place_and_are_not_mapped_anew(ho
         for t, arrays in b._arrays.items():
             for name, a in arrays.items():
                 address, shape = before[b.id, t, name]
-                assert a.ctypes.data == address and not a.flags.writeable
-                assert a.shape[0] > shape[0] if name in ("keys", "values") else a.shape == shape
-    assert users(holder.current, [1, 999, 1000, 1299, 1300]) == [-1.0, 999.0, 1000.0, 1299.0, 0.0]
-    holder.apply_delta(versions.write(versions.delta(4, {1300: 7.0})))
-    assert users(holder.current, [1, 1299, 1300]) == [-1.0, 1299.0, 7.0]
+                assert a.ctypes.data == address and a.shape[0] > shape[0] and not a.flags.writeable
+    assert users(holder.current, [1, 999, 1000, 2299, 2300]) == [-1.0, 999.0, 1000.0, 2299.0, 0.0]
+    holder.apply_delta(versions.write(versions.delta(4, {2300: 7.0})))
+    assert users(holder.current, [1, 2299, 2300]) == [-1.0, 2299.0, 7.0]
 
 
 def test_a_reader_that_never_lets_go_gets_its_buffer_kept_and_a_new_one_is_filled(holder, versions):
