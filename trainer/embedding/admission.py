@@ -18,14 +18,15 @@ from numba import njit
 
 from trainer.embedding.config import AdmissionConfig
 from trainer.embedding.kernels import elapsed_steps
-from trainer.embedding.keyindex import hash64
+from trainer.embedding.keyindex import hash64, stays
 from trainer.embedding.prefetch import AHEAD, prefetch
 
 _SALT = np.int64(0x5BD1E9955BD1E995)
 
 
 NONE, EXACT, BLOOM = 0, 1, 2
-_NO_COUNTERS = np.zeros((16, 2), np.int64)
+_NO_COUNTERS = np.zeros((16, 2), np.int64)  # kernel arguments where there are no exact counters
+_NO_COUNTER_META = np.zeros(1, np.int64)
 _NO_BLOOM = np.zeros(1, np.uint8)
 
 
@@ -39,7 +40,7 @@ class Admission:
     def kernel_args(self, n: int) -> tuple:
         """Arguments of `observe_one` for a fused lookup kernel, with room for n new counters:
         (kind, counter buckets, their meta, bloom counters, hashes, freq)."""
-        return (NONE, _NO_COUNTERS, np.zeros(1, np.int64), _NO_BLOOM, 0, 0)
+        return (NONE, _NO_COUNTERS, _NO_COUNTER_META, _NO_BLOOM, 0, 0)
 
     def forget_stale(self, step: int, steps_to_live: int) -> None:
         """Drops counters of keys not seen for steps_to_live steps (no-op if not tracked)."""
@@ -92,8 +93,7 @@ def _drop_counter(buckets: np.ndarray, meta: np.ndarray, hole: np.int64) -> None
         j = (j + 1) & mask
         if buckets[j, 1] == 0:
             break
-        home = np.int64(hash64(buckets[j, 0]) & np.uint64(mask))
-        if (hole <= j and hole < home <= j) or (hole > j and (home > hole or home <= j)):
+        if stays(hole, j, np.int64(hash64(buckets[j, 0]) & np.uint64(mask))):
             continue
         buckets[hole, 0] = buckets[j, 0]
         buckets[hole, 1] = buckets[j, 1]
@@ -246,7 +246,7 @@ class BloomAdmission(Admission):
         self._counters = np.zeros(size, dtype=dtype)
 
     def kernel_args(self, n: int) -> tuple:
-        return (BLOOM, _NO_COUNTERS, np.zeros(1, np.int64), self._counters, self._n_hashes, self._freq)
+        return (BLOOM, _NO_COUNTERS, _NO_COUNTER_META, self._counters, self._n_hashes, self._freq)
 
     def observe(self, keys: np.ndarray, counts: np.ndarray, step: int) -> np.ndarray:
         admitted = np.empty(keys.size, dtype=np.bool_)

@@ -98,6 +98,14 @@ def upcoming_slot(free: np.ndarray, meta: np.ndarray, k: np.int64) -> np.int64:
 
 
 @njit(cache=True, inline="always")
+def stays(hole: np.int64, j: np.int64, home: np.int64) -> bool:
+    """Backward-shift deletion in linear probing: whether the entry at bucket j, whose home
+    bucket is `home`, keeps its place when bucket `hole` empties (its home lies cyclically
+    in (hole, j]); otherwise it moves into the hole."""
+    return (hole <= j and hole < home <= j) or (hole > j and (home > hole or home <= j))
+
+
+@njit(cache=True, inline="always")
 def release(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.ndarray,
             hole: np.int64, slot: np.int64) -> None:
     """Removes the entry at bucket `hole` (holding `slot`), shifting back the later entries
@@ -112,8 +120,7 @@ def release(table: np.ndarray, slot_key: np.ndarray, free: np.ndarray, meta: np.
         entry = table[j]
         if entry < 0:
             break
-        home = np.int64(hash64(slot_key[entry & _SLOT_MASK]) & np.uint64(mask))
-        if (hole <= j and hole < home <= j) or (hole > j and (home > hole or home <= j)):
+        if stays(hole, j, np.int64(hash64(slot_key[entry & _SLOT_MASK]) & np.uint64(mask))):
             continue
         table[hole] = entry
         hole = j
