@@ -18,3 +18,5 @@ def test_bench_serving_quick_runs_and_ends_with_json(redis_config):
     assert summary["deltas"]["applied"] >= 1
     assert summary["peak_qps"]["freshrec"] > 0 and summary["peak_qps"]["naive"] > 0
     assert any(line.startswith("closed c=") for line in lines)
+    late = summary["generator_late_max_ms_by_window"]
+    assert len(late["idle"]) == 2 and len(late["deltas"]) == 1 and all(x >= 0 for x in late["idle"] + late["deltas"])
