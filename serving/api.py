@@ -5,27 +5,33 @@ sparse feature an optional id (string or int64, per the schema) or a list of ids
 multi-valued one (at most `max_ids`); any other field is refused. The schema's label and
 event-time fields are accepted and ignored, so a sample can be sent as it is.
 
-`RequestParser` validates the raw body in one pass (pydantic-core, from bytes) and turns it
-into the model's `Inputs` directly: in the ranking form the shared context is parsed and
-hashed once, and a sparse feature no candidate sets stays one shared bag, so its
-embedding is looked up and pooled once for the whole request.
+`RequestParser` validates the raw body in one pass and turns it into the model's `Inputs`
+directly: in the ranking form the shared context is parsed and hashed once, and a sparse
+feature no candidate sets stays one shared bag, so its embedding is looked up and pooled
+once for the whole request. The pydantic models define what is accepted (and document it
+in OpenAPI); msgspec structs derived from the same schema validate the common case 2-3x
+faster (a 100-candidate ranking body: 127-157 -> 55-63 µs), and any body they refuse is
+decided by the pydantic models, so a request is accepted, or refused with the same 422,
+exactly as the pydantic models alone would do (tests/test_serving_parse.py).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Optional
 
+import msgspec
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, create_model, model_validator
 from typing_extensions import TypedDict
 
 from serving.model import Inputs, SparseInput
-from stream.hashing import INT64_MAX, INT64_MIN, hash_string_id
+from stream.hashing import INT64_MAX, INT64_MIN, hash_string_id, hash_string_ids
 from stream.schema import DenseTransform, FeatureSchema
 
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 IntId = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
+_ABSENT = object()  # a row that does not send a feature (it reads the context's)
 
 
 class TooLarge(Exception):
@@ -78,11 +84,34 @@ def request_model(schema: FeatureSchema) -> type[BaseModel]:
     )
 
 
+def _fast_request_type(schema: FeatureSchema) -> type[msgspec.Struct]:
+    """The request as msgspec structs, never looser than `request_model`: the same types
+    and ranges, unknown fields refused, and every field of an example UNSET unless sent
+    (`msgspec.to_builtins` then gives the dict of the fields sent, as pydantic does).
+    Attributes are named f0, f1, ...: schema names need not be Python identifiers."""
+    int_id = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+    types: list[object] = [float] * len(schema.dense)
+    for f in schema.sparse:
+        one = str if f.id_type == "string" else int_id
+        types.append(Annotated[list[one], msgspec.Meta(max_length=f.max_ids)] if f.multi else one)
+    names = [*schema.dense_names, *schema.sparse_names]
+    fields = [(f"f{i}", Optional[t], msgspec.UNSET) for i, t in enumerate(types)]
+    fields += [(f"f{len(names)}", Any, msgspec.UNSET), (f"f{len(names) + 1}", Any, msgspec.UNSET)]
+    names += [schema.label, schema.event_time]
+    example = msgspec.defstruct("FastExample", fields, rename={f"f{i}": n for i, n in enumerate(names)},
+                                forbid_unknown_fields=True, omit_defaults=True)
+    return msgspec.defstruct("FastRequest", [("examples", Optional[list[example]], None),
+                                             ("context", Optional[example], None),
+                                             ("candidates", Optional[list[example]], None)],
+                             forbid_unknown_fields=True)
+
+
 class RequestParser:
     def __init__(self, schema: FeatureSchema, max_examples: int) -> None:
         self.schema = schema
         self.max_examples = max_examples
         self.model = request_model(schema)
+        self._fast = msgspec.json.Decoder(_fast_request_type(schema))
         self._defaults = np.array([f.default for f in schema.dense], dtype=np.float64)
         self._log1p = np.array([f.transform is DenseTransform.LOG1P for f in schema.dense], dtype=bool)
         self._fields: dict[str, tuple[bool, int]] = {f.name: (True, i) for i, f in enumerate(schema.dense)}
@@ -91,6 +120,26 @@ class RequestParser:
         self._multi = [f.multi for f in schema.sparse]
 
     def parse(self, body: bytes) -> Inputs:
+        parsed = self._parse_fast(body)
+        context, rows = parsed if parsed is not None else self._parse_pydantic(body)
+        if len(rows) > self.max_examples:
+            raise TooLarge(f"{len(rows)} examples or candidates exceed the limit of {self.max_examples}")
+        return self.inputs(context, rows)
+
+    def _parse_fast(self, body: bytes) -> tuple[dict, list[dict]] | None:
+        """(context, rows) as the pydantic models would give them, or None where msgspec
+        refuses the body or it breaks the one-form rule: the pydantic models decide those."""
+        try:
+            request = self._fast.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        examples, context, candidates = request.examples, request.context, request.candidates
+        if (examples is None) == (candidates is None) or (examples is not None and context is not None):
+            return None
+        rows = msgspec.to_builtins(examples if examples is not None else candidates)
+        return (msgspec.to_builtins(context) if context is not None else {}), rows
+
+    def _parse_pydantic(self, body: bytes) -> tuple[dict, list[dict]]:
         try:
             request = self.model.model_validate_json(body)
         except ValidationError as e:
@@ -98,9 +147,7 @@ class RequestParser:
                 [{"loc": ["body", *e_["loc"]], "msg": e_["msg"], "type": e_["type"]}
                  for e_ in e.errors(include_url=False, include_input=False, include_context=False)]) from None
         rows = request.examples if request.examples is not None else request.candidates
-        if len(rows) > self.max_examples:
-            raise TooLarge(f"{len(rows)} examples or candidates exceed the limit of {self.max_examples}")
-        return self.inputs(request.context or {}, rows)
+        return request.context or {}, rows
 
     def inputs(self, context: dict, rows: list[dict]) -> Inputs:
         """Model inputs for rows that each override the shared `context`."""
@@ -112,7 +159,7 @@ class RequestParser:
             self._set(name, value, ctx_dense, ctx_keys)
 
         dense = np.tile(ctx_dense, (n, 1))
-        per_row: dict[int, list[tuple[int, ...]]] = {}
+        per_row: dict[int, list] = {}  # sparse feature -> each row's value as sent, or _ABSENT
         fields = self._fields
         for i, row in enumerate(rows):
             for name, value in row.items():
@@ -123,20 +170,26 @@ class RequestParser:
                 if is_dense:
                     dense[i, j] = self._defaults[j] if value is None else value
                 else:
-                    keys = per_row.get(j)
-                    if keys is None:
-                        keys = per_row[j] = [ctx_keys[j]] * n
-                    keys[i] = self._keys(j, value)
+                    values = per_row.get(j)
+                    if values is None:
+                        values = per_row[j] = [_ABSENT] * n
+                    values[i] = value
 
         if self._log1p.any():
             cols = dense[:, self._log1p]
             dense[:, self._log1p] = np.copysign(np.log1p(np.abs(cols)), cols)
         sparse = []
         for j in range(n_sparse):
-            keys = per_row.get(j)
-            if keys is None:
+            values = per_row.get(j)
+            if values is None:
                 sparse.append(SparseInput(np.array(ctx_keys[j], dtype=np.int64)))
                 continue
+            if not self._multi[j] and _ABSENT not in values and None not in values:
+                # Every row sends its one id (a ranking's candidate features): hashed in one call.
+                keys = hash_string_ids(values) if self._string[j] else np.array(values, dtype=np.int64)
+                sparse.append(SparseInput(keys, np.arange(n, dtype=np.int64), True))
+                continue
+            keys = [ctx_keys[j] if v is _ABSENT else self._keys(j, v) for v in values]
             lengths = np.fromiter(map(len, keys), dtype=np.int64, count=n)
             flat = np.fromiter((k for ks in keys for k in ks), dtype=np.int64, count=int(lengths.sum()))
             offsets = np.zeros(n, dtype=np.int64)
