@@ -27,9 +27,13 @@ from typing_extensions import TypedDict
 
 from serving.model import Inputs, SparseInput
 from stream.hashing import INT64_MAX, INT64_MIN, hash_string_id, hash_string_ids
+from stream.sample import FLOAT32_MAX
 from stream.schema import DenseTransform, FeatureSchema
 
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+# A dense value the model reads as it is must be finite in float32 too (log1p brings every
+# float64 into range): as inf it would turn the scores into NaN.
+Float32Number = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 IntId = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
 _ABSENT = object()  # a row that does not send a feature (it reads the context's)
 
@@ -60,7 +64,8 @@ class _OneForm(BaseModel):
 
 def example_type(schema: FeatureSchema) -> type:
     """The schema's example as a TypedDict (only the fields a client sent are present)."""
-    fields: dict[str, Any] = {f.name: Optional[Number] for f in schema.dense}
+    fields: dict[str, Any] = {f.name: Optional[Number if f.transform is DenseTransform.LOG1P else Float32Number]
+                              for f in schema.dense}
     for f in schema.sparse:
         one = StrictStr if f.id_type == "string" else IntId
         fields[f.name] = Optional[Annotated[list[one], Field(max_length=f.max_ids)]] if f.multi else Optional[one]
@@ -90,7 +95,8 @@ def _fast_request_type(schema: FeatureSchema) -> type[msgspec.Struct]:
     (`msgspec.to_builtins` then gives the dict of the fields sent, as pydantic does).
     Attributes are named f0, f1, ...: schema names need not be Python identifiers."""
     int_id = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
-    types: list[object] = [float] * len(schema.dense)
+    float32 = Annotated[float, msgspec.Meta(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+    types: list[object] = [float if f.transform is DenseTransform.LOG1P else float32 for f in schema.dense]
     for f in schema.sparse:
         one = str if f.id_type == "string" else int_id
         types.append(Annotated[list[one], msgspec.Meta(max_length=f.max_ids)] if f.multi else one)

@@ -31,7 +31,7 @@ from stream.hashing import INT64_MAX, INT64_MIN, hash_string_id, hash_string_ids
 from stream.schema import DenseTransform, FeatureSchema
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class InvalidSample(ValueError):
@@ -127,7 +127,11 @@ class SampleCodec:
                 raise InvalidSample("non_finite_dense", f"{name} is too large") from None
             if not math.isfinite(v):
                 raise InvalidSample("non_finite_dense", f"{name}={v!r}")
-            out.append(math.copysign(math.log1p(abs(v)), v) if log1p else v)
+            if log1p:
+                v = math.copysign(math.log1p(abs(v)), v)
+            elif abs(v) > FLOAT32_MAX:  # the model reads float32: it would be inf, and poison the weights
+                raise InvalidSample("non_finite_dense", f"{name}={v!r} overflows float32")
+            out.append(v)
         return tuple(out)
 
     def _sparse_keys(self, obj: dict) -> tuple[tuple[int, ...], ...]:
@@ -170,7 +174,7 @@ class SampleCodec:
         sample = self.from_dict(obj)
         dense = [obj.get(name) for name, _, _ in self._dense]
         for (name, _, _), v in zip(self._dense, dense):
-            if v is not None and abs(v) > _FLOAT32_MAX:
+            if v is not None and abs(v) > FLOAT32_MAX:
                 raise InvalidSample("non_finite_dense", f"{name}={v!r} overflows float32")
         return self.binary.encode(sample.label, sample.event_time, dense, list(sample.features.sparse))
 
@@ -312,8 +316,11 @@ class _JsonBatchDecoder:
     def decode(self, raws: Sequence[bytes]) -> DecodedBatch:
         structs, index, slow = self._parse(raws)
         numbers = np.array(list(map(self.numbers, structs)), dtype=np.float64).reshape(len(structs), 2 + self.n_dense)
-        finite = np.isfinite(numbers[:, 1]) & ~np.isinf(numbers[:, 2:]).any(axis=1)
-        if not finite.all():  # msgspec refuses numbers beyond float64: a guard, not a path taken
+        raw_dense = numbers[:, 2:]
+        finite = np.isfinite(numbers[:, 1]) & ~np.isinf(raw_dense).any(axis=1)
+        # A value the model would read as inf in float32 (log1p brings every float64 in range).
+        finite &= ~((np.abs(raw_dense) > FLOAT32_MAX) & ~self.codec._dense_log1p).any(axis=1)
+        if not finite.all():  # `decode` refuses these rows, with its reason
             slow = sorted(slow + index[~finite].tolist())
             structs = [structs[r] for r in np.flatnonzero(finite).tolist()]
             index, numbers = index[finite], numbers[finite]

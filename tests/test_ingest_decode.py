@@ -145,7 +145,7 @@ def edge_schema(unknown_fields: str) -> FeatureSchema:
 # JSON value texts, valid and not, that the fast path must judge exactly as orjson + from_dict do
 EDGE_VALUES = [
     b"null", b"true", b"false", b"0", b"1", b"-0", b"-0.0", b"1.0", b"0.0", b"2", b"-1", b"0.5", b"1E2", b"1e-999",
-    b"1e999", b"-1e999", b"1.7976931348623159e308", b"NaN", b"Infinity", b"-Infinity", b"01", b"1.", b"+1",
+    b"1e999", b"-1e999", b"1.7976931348623159e308", b"1e300", b"3.5e38", b"-3.5e38", b"3.4028234663852886e38", b"NaN", b"Infinity", b"-Infinity", b"01", b"1.", b"+1",
     b"9007199254740993", b"9223372036854775807", b"9223372036854775808", b"-9223372036854775808",
     b"-9223372036854775809", b"18446744073709551615", b"18446744073709551616", b"123456789012345678901234567890",
     b"1" + b"0" * 400, b'"a"', b'""', b'"7f"', b'"\\u00e9t\\u00e9"', b'"\xc3\xa9"', b'"\\ud83d\\ude00"', b'"\\u0000"',

@@ -72,6 +72,12 @@ def test_non_finite_dense_and_int64_range():
     with pytest.raises(InvalidSample) as e:
         codec.from_dict({**base, "age": float("inf")})
     assert e.value.reason == "non_finite_dense"
+    # finite as float64, inf as the float32 the model reads: one such sample made every
+    # dense weight NaN after one step. A log1p feature brings any float64 into range.
+    with pytest.raises(InvalidSample) as e:
+        codec.from_dict({**base, "age": 1e300})
+    assert e.value.reason == "non_finite_dense" and "float32" in e.value.detail
+    assert codec.from_dict({**base, "item_popularity": 1e300}).features.dense[1] == pytest.approx(690.7755)
     with pytest.raises(InvalidSample) as e:
         codec.from_dict({**base, "user_id": 2**63})
     assert e.value.reason == "id_out_of_range"

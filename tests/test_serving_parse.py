@@ -23,7 +23,8 @@ NAMES = SCHEMA.dense_names + SCHEMA.sparse_names + [SCHEMA.label, SCHEMA.event_t
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**64), 2**64), st.floats(allow_nan=False, allow_infinity=False),
-    st.sampled_from([0, -0.0, 1.0, 2**63 - 1, -(2**63), 2**63, 1e308, "", "7", "a\u0000b", "é"]),
+    st.sampled_from([0, -0.0, 1.0, 2**63 - 1, -(2**63), 2**63, 1e308, 3.5e38, -3.5e38, 3.4028234663852886e38, "",
+                     "7", "a\u0000b", "é"]),
     st.text(max_size=4))
 values = st.one_of(scalars, st.lists(scalars, max_size=4), st.dictionaries(st.text(max_size=2), scalars, max_size=2))
 
@@ -116,6 +117,7 @@ def test_ranking_bodies_build_the_trainers_features(candidates, genre, age):
     b'{"candidates": [], "candidates": null}',
     b'{"examples": [{"item_id": 9223372036854775808}]}',
     b'{"examples": [{"item_id": 1.0}]}',
+    b'{"examples": [{"age": 3.5e38}]}', b'{"examples": [{"item_popularity": 1e300}]}',  # float32's range
     b'{"examples": [{}], "context": {}}', b'{"examples": [{}], "candidates": [{}]}', b'{"context": {}}',
     b'[]', b'', b'null',
 ])
