@@ -27,7 +27,7 @@ from typing_extensions import TypedDict
 
 from serving.model import Inputs, SparseInput
 from stream.hashing import INT64_MAX, INT64_MIN, hash_string_id, hash_string_ids
-from stream.sample import FLOAT32_MAX
+from stream.sample import FLOAT32_MAX, dense_value_type
 from stream.schema import DenseTransform, FeatureSchema
 
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -95,8 +95,7 @@ def _fast_request_type(schema: FeatureSchema) -> type[msgspec.Struct]:
     (`msgspec.to_builtins` then gives the dict of the fields sent, as pydantic does).
     Attributes are named f0, f1, ...: schema names need not be Python identifiers."""
     int_id = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
-    float32 = Annotated[float, msgspec.Meta(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
-    types: list[object] = [float if f.transform is DenseTransform.LOG1P else float32 for f in schema.dense]
+    types: list[object] = [dense_value_type(f) for f in schema.dense]
     for f in schema.sparse:
         one = str if f.id_type == "string" else int_id
         types.append(Annotated[list[one], msgspec.Meta(max_length=f.max_ids)] if f.multi else one)
