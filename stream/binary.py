@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
 
 import numpy as np
 import xxhash
 from numba import njit
 
+from stream.columns import MessageBuffer, SampleColumns
 from stream.schema import FeatureSchema
 
 MAGIC = 0xF5
@@ -64,18 +64,6 @@ def schema_fingerprint(schema: FeatureSchema) -> int:
     return xxhash.xxh32_intdigest("\x1f".join(parts).encode())
 
 
-@dataclass(frozen=True)
-class BinaryColumns:
-    """The accepted binary messages of a micro-batch, as columns (dense not yet transformed)."""
-
-    rows: np.ndarray  # int64 [n]: message index of each accepted sample
-    labels: np.ndarray  # int64 [n]
-    event_times: np.ndarray  # float64 [n]
-    dense: np.ndarray  # float64 [n, n_dense], raw, NaN where absent
-    keys: list[np.ndarray]  # per sparse feature: int64 [total ids]
-    lengths: list[np.ndarray]  # per sparse feature: int64 [n]
-
-
 class BinarySampleFormat:
     """Encodes samples of one schema in the binary layout, and decodes micro-batches of them."""
 
@@ -98,14 +86,11 @@ class BinarySampleFormat:
         return b"".join((self._head, struct.pack("<Bd", label, event_time), raw_dense.tobytes(),
                          counts.tobytes(), keys.tobytes()))
 
-    def decode(self, raws: list[bytes]) -> tuple[BinaryColumns, np.ndarray]:
+    def decode(self, messages: MessageBuffer) -> tuple[SampleColumns, np.ndarray]:
         """The accepted messages as columns, and every message's outcome code (`REASONS`;
         NOT_BINARY for messages that are not in this format, e.g. JSON)."""
-        n = len(raws)
-        lengths = np.fromiter(map(len, raws), dtype=np.int64, count=n)
-        starts = np.zeros(n, dtype=np.int64)
-        np.cumsum(lengths[:-1], out=starts[1:])
-        buf = np.frombuffer(b"".join(raws), dtype=np.uint8)
+        n = len(messages)
+        buf, starts, lengths = messages.data, messages.starts, messages.lengths
         status = np.empty(n, dtype=np.int8)
         counts = np.zeros((n, self.n_sparse), dtype=np.int64)
         _scan(buf, starts, lengths, self.n_dense, self.fingerprint, self.max_message_bytes, self._max_ids,
@@ -119,7 +104,7 @@ class BinarySampleFormat:
         times = np.empty(len(rows), dtype=np.float64)
         dense = np.empty((len(rows), self.n_dense), dtype=np.float64)
         _fill(buf, starts[rows], self.n_dense, counts, bounds, labels, times, dense, keys)
-        return BinaryColumns(rows, labels, times, dense, [keys[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
+        return SampleColumns(rows, labels, times, dense, [keys[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
                              list(counts.T)), status
 
     def explain(self, raw: bytes, code: int) -> str:

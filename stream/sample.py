@@ -26,12 +26,13 @@ import msgspec
 import numpy as np
 import orjson
 
-from stream.binary import NOT_BINARY, REASONS, BinaryColumns, BinarySampleFormat
+from stream.binary import NOT_BINARY, REASONS, BinarySampleFormat
+from stream.columns import FLOAT32_MAX, MessageBuffer, SampleColumns
 from stream.hashing import INT64_MAX, INT64_MIN, hash_string_id, hash_string_ids
+from stream.json_scan import JsonSampleScanner
 from stream.schema import DenseFeature, DenseTransform, FeatureSchema
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class InvalidSample(ValueError):
@@ -86,6 +87,7 @@ class SampleCodec:
         self._known = None if schema.unknown_fields == "ignore" else frozenset(
             [schema.label, schema.event_time, *schema.dense_names, *schema.sparse_names])
         self.binary = BinarySampleFormat(schema, max_message_bytes)
+        self._json_scanner = JsonSampleScanner(schema, max_message_bytes)
         self._json = _JsonBatchDecoder(self)
 
     def decode(self, raw: bytes) -> Sample:
@@ -151,18 +153,25 @@ class SampleCodec:
 
     def decode_batch(self, raws: Sequence[bytes]) -> "DecodedBatch":
         """Decode and validate many messages at once, JSON and binary alike; for JSON the same
-        outcome per message as `decode`."""
+        outcome per message as `decode`.
+
+        Binary messages go through `stream.binary`'s compiled scan; JSON ones through
+        `stream.json_scan`'s, and whatever it leaves (escapes, non-ASCII text, anything it
+        does not accept) through msgspec structs, and what msgspec refuses through `decode`."""
         raws = list(raws)
-        columns, status = self.binary.decode(raws)
-        json_rows = np.flatnonzero(status == NOT_BINARY)
-        if len(json_rows) == len(raws):
-            return self._json.decode(raws)
-        binary = self._from_binary(columns)
+        messages = MessageBuffer.of(raws)
+        columns, status = self.binary.decode(messages)
+        binary = self._from_columns(columns)
         binary.errors = [(i, InvalidSample(REASONS[code], self.binary.explain(raws[i], code)))
                          for i, code in zip(*_refused(status))]
+        json_rows = np.flatnonzero(status == NOT_BINARY)
         if len(json_rows) == 0:
             return binary
-        return _merge(binary, self._json.decode([raws[i] for i in json_rows.tolist()]).at_rows(json_rows))
+        scanned, left = self._json_scanner.scan(messages, json_rows)
+        parts = [binary, self._from_columns(scanned)]
+        if len(left):
+            parts.append(self._json.decode([raws[i] for i in left.tolist()]).at_rows(left))
+        return _combine(parts)
 
     def encode(self, obj: dict) -> bytes:
         """Serialise a sample dict as producers should (compact JSON)."""
@@ -178,7 +187,7 @@ class SampleCodec:
                 raise InvalidSample("non_finite_dense", f"{name}={v!r} overflows float32")
         return self.binary.encode(sample.label, sample.event_time, dense, list(sample.features.sparse))
 
-    def _from_binary(self, c: BinaryColumns) -> "DecodedBatch":
+    def _from_columns(self, c: SampleColumns) -> "DecodedBatch":
         dense = _transform_dense(c.dense, self._dense_log1p, self._dense_default)
         return DecodedBatch(c.rows, c.labels, c.event_times, dense,
                             [SparseColumn(k, n) for k, n in zip(c.keys, c.lengths)])
@@ -253,6 +262,16 @@ def _transform_dense(x: np.ndarray, log1p: np.ndarray | bool, default: np.ndarra
     Works on one column (scalar flags) or on the matrix (a flag and a default per column)."""
     transformed = np.where(log1p, np.copysign(np.log1p(np.abs(x)), x), x)
     return np.where(np.isnan(x), default, transformed)
+
+
+def _combine(parts: list[DecodedBatch]) -> DecodedBatch:
+    """Batches decoded from disjoint messages of one micro-batch, as one, in message order
+    (the common case, one part with anything in it, costs nothing)."""
+    used = [p for p in parts if len(p) or p.errors] or parts[:1]
+    combined = used[0]
+    for part in used[1:]:
+        combined = _merge(combined, part)
+    return combined
 
 
 def _merge(a: DecodedBatch, b: DecodedBatch) -> DecodedBatch:

@@ -75,6 +75,9 @@ class FeatureSchema(BaseModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"field names used twice in the schema: {dupes}")
+        escaped = [n for n in names if any(c in '"\\' or ord(c) < 0x20 for c in n)]
+        if escaped:  # JSON writes them only with escapes; the sample codecs match names as written
+            raise ValueError(f"field names with a quote, a backslash or a control character: {escaped}")
         if not self.sparse:
             raise ValueError("the schema needs at least one sparse feature")
         table_names = {t.name for t in self.tables}

@@ -34,6 +34,16 @@ def test_schema_rejects_undeclared_tables_and_duplicates():
         FeatureSchema.from_dict({"dense": [{"name": "a"}], "sparse": [{"name": "a"}], "tables": {"a": 4}})
 
 
+@pytest.mark.parametrize("name", ['a"b', "a\\nb", "tab\there"])
+def test_schema_refuses_field_names_json_writes_only_with_escapes(name):
+    """Such a name broke the codec's msgspec struct at start-up (ValueError from defstruct);
+    now the schema says which name and why."""
+    with pytest.raises(ValueError, match="quote, a backslash or a control character"):
+        FeatureSchema.from_dict({"sparse": [{"name": name}], "tables": {name: 4}})
+    with pytest.raises(ValueError, match="quote, a backslash or a control character"):
+        FeatureSchema.from_dict({"label": name, "sparse": [{"name": "s"}], "tables": {"s": 4}})
+
+
 def test_decode_valid_sample(criteo):
     s = SampleCodec(criteo).decode(orjson.dumps(criteo_sample(I1=None)))
     assert s.label == 1 and s.event_time == 1700000000.5
