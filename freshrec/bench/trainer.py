@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=512, help="micro-batch size")
     parser.add_argument("--max-wait-ms", type=int, default=100, help="micro-batch time bound")
     parser.add_argument("--warmup", type=int, default=5, help="untimed micro-batches first")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating in-memory / Kafka rounds per model")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating in-memory / Kafka rounds per model")
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--formats", default=",".join(FORMATS),
                         help="sample formats on Kafka, comma-separated, from " + ",".join(FORMATS))
