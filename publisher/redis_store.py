@@ -130,9 +130,13 @@ class RedisVersionStore:
         found = self.redis.zrevrangebyscore(self.key("snapshots"), top, "-inf", start=0, num=1)
         return int(found[0]) if found else None
 
-    def read_payload(self, kind: Kind, version: int, ref: PayloadRef) -> bytearray:
+    def read_payload(self, kind: Kind, version: int, ref: PayloadRef,
+                     into: bytearray | None = None) -> bytearray | memoryview:
         """The payload's chunks, checked against the manifest. Read in pipelined slices: one
-        multi-megabyte reply would hold the GIL for ~10 ms and stall a serving node's requests."""
+        multi-megabyte reply would hold the GIL for ~10 ms and stall a serving node's requests.
+        Into `into` when it is large enough (a view of its first `ref.bytes`): a reader that
+        keeps its buffer across versions touches no fresh memory (a fresh 7.2 MB buffer cost
+        ~1,760 page faults here, ~4 ms of CPU)."""
         name = kind.name.lower()
         keys = [self.key("payload", name, version, i) for i in range(ref.chunks)]
         pipe = self.redis.pipeline(transaction=False)
@@ -147,8 +151,8 @@ class RedisVersionStore:
         for key, size in zip(keys, sizes):
             for start in range(0, size, READ_SLICE_BYTES):
                 pipe.getrange(key, start, min(start + READ_SLICE_BYTES, size) - 1)
-        data = bytearray(ref.bytes)
-        view, digest, pos = memoryview(data), xxhash.xxh3_64(), 0
+        data = into if into is not None and len(into) >= ref.bytes else bytearray(ref.bytes)
+        view, digest, pos = memoryview(data)[:ref.bytes], xxhash.xxh3_64(), 0
         for part in pipe.execute():
             if pos + len(part) > ref.bytes:
                 raise PayloadError(f"{name} of version {version} does not match its manifest")
@@ -157,7 +161,7 @@ class RedisVersionStore:
             pos += len(part)
         if pos != ref.bytes or digest.intdigest() != ref.checksum:
             raise PayloadError(f"{name} of version {version} does not match its manifest")
-        return data
+        return data if len(data) == ref.bytes else view
 
     def last_stream_id(self) -> str:
         entries = self.redis.xrevrange(self.key("versions"), count=1)

@@ -85,6 +85,34 @@ def test_bad_bytes_are_a_payload_error_and_change_nothing(redis_config):
         holder.close()
 
 
+def test_a_delta_that_fails_after_it_was_read_leaves_the_last_applied_one_intact(redis_config):
+    """Deltas are read into two reused buffers; the delta applied last is kept (it brings the
+    other table buffer up to date with the next one), so a read that fails its checksum must
+    have gone into the other buffer. Here version 3 first arrives damaged, then intact: the
+    buffer that still holds version 1 is brought to 2 with the kept delta, then to 3."""
+    from publisher.payload import PayloadError
+    from serving.model import ModelHolder
+
+    versions = Versions(redis_config)
+    holder = ModelHolder(SCHEMA, TRAINER, redis_config)
+    try:
+        holder.load_snapshot(versions.snapshot(1, {"user": {1: 1.0}, "item": {1: 1.0}}))
+        holder.apply_delta(versions.write(versions.delta(2, {2: 2.0, 4: 4.0})))
+        manifest = versions.write(versions.delta(3, {3: 3.0}, tombstones=[4]))
+        key = versions.store.key("payload", "delta", 3, 0)
+        intact = versions.store.redis.get(key)
+        versions.store.redis.setrange(key, 100, b"\xff\xfe")
+        with pytest.raises(PayloadError, match="does not match its manifest"):
+            holder.apply_delta(manifest)
+        versions.store.redis.set(key, intact)
+        holder.apply_delta(manifest)
+        assert users(holder.current, [1, 2, 3, 4]) == [1.0, 2.0, 3.0, 0.0]
+        holder.apply_delta(versions.write(versions.delta(4, {5: 5.0})))  # and the next one on top
+        assert users(holder.current, [1, 2, 3, 4, 5]) == [1.0, 2.0, 3.0, 0.0, 5.0]
+    finally:
+        holder.close()
+
+
 def test_unreachable_redis_is_a_redis_error(redis_config):
     ref = Versions(redis_config).snapshot(1, {"user": {1: 1.0}, "item": {1: 1.0}}).snapshot
     nowhere = Applier(RedisConfig(url="redis://127.0.0.1:1/0", prefix=redis_config.prefix, model="m"),
