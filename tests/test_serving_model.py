@@ -263,7 +263,8 @@ def test_a_dead_helper_leaves_the_served_version_readable(holder, versions):
 
 def test_the_helper_loads_its_first_snapshot_at_the_nodes_priority_then_yields(holder, versions):
     """A node with no version answers only 503s: its first snapshot must not wait behind
-    every other process on the machine. Once it serves, the helper runs at nice 19."""
+    every other process on the machine. Once it serves, the helper runs as SCHED_IDLE (and at
+nice 19)."""
     import os
 
     from serving.applier import NICE
@@ -273,8 +274,10 @@ def test_the_helper_loads_its_first_snapshot_at_the_nodes_priority_then_yields(h
         holder.load_snapshot(versions.write(Payload(Kind.SNAPSHOT, 1, 0, dense_state(0.01))))
     helper = holder._applier._process.pid
     assert os.getpriority(os.PRIO_PROCESS, helper) == own
+    assert os.sched_getscheduler(helper) == os.sched_getscheduler(0)
     holder.load_snapshot(versions.snapshot(1, {"user": {1: 1.0}, "item": {1: 1.0}}))
     assert os.getpriority(os.PRIO_PROCESS, helper) == min(own + NICE, 19)
+    assert os.sched_getscheduler(helper) == os.SCHED_IDLE  # runs only where a core is idle
 
 
 def test_shared_context_bag_scores_like_per_row_bags(holder, versions):
