@@ -20,3 +20,6 @@ def test_bench_serving_quick_runs_and_ends_with_json(redis_config):
     assert any(line.startswith("closed c=") for line in lines)
     late = summary["generator_late_max_ms_by_window"]
     assert len(late["idle"]) == 2 and len(late["deltas"]) == 1 and all(x >= 0 for x in late["idle"] + late["deltas"])
+    # The worker answered requests in every window, so it used CPU; one worker thread, one core at most.
+    cpu = summary["server_cpu_by_window"]
+    assert len(cpu["idle"]) == 2 and len(cpu["deltas"]) == 1 and all(0 < x < 1.5 for x in cpu["idle"] + cpu["deltas"])

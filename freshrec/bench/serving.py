@@ -10,7 +10,8 @@ one delta of `--delta-rows` changed rows (+ tombstones) every `--delta-interval`
 Phases: closed-loop load at fixed concurrency levels (QPS, p50, p99), for both servers;
 then open-loop load at half of freshrec's peak QPS (latency counted from each request's
 scheduled start, so a stall is never hidden): `--rounds` windows while deltas are applied,
-each between two idle windows, the requests of each kind of window pooled (`_pooled`). The
+each between two idle windows, the requests of each kind of window pooled (`_pooled`), with
+the freshrec worker's CPU in each window (a share of one core: how close to saturation). The
 load generator's garbage collector is off while it measures (its pauses would count as the
 server's latency).
 Both servers run as uvicorn subprocesses with one worker each; the load generator is a
@@ -349,8 +350,9 @@ async def closed_loop(port: int, requests: list[bytes], concurrency: int, warmup
 
 
 async def open_loop(port: int, requests: list[bytes], rate: float, connections: int, warmup: float,
-                    duration: float) -> dict:
-    """Requests scheduled at `rate`/s over `connections`; latency from the scheduled start."""
+                    duration: float, server_pid: int | None = None) -> dict:
+    """Requests scheduled at `rate`/s over `connections`; latency from the scheduled start.
+    With `server_pid`, also the server's CPU over the measured part, as a share of one core."""
     latencies: list[float] = []
     late: list[float] = []  # how long after its scheduled start a request was sent
     errors = 0
@@ -381,14 +383,32 @@ async def open_loop(port: int, requests: list[bytes], rate: float, connections: 
         finally:
             conn.close()
 
+    async def server_busy() -> float:
+        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+        before = _cpu_seconds(server_pid)
+        await asyncio.sleep(max(0.0, end - time.perf_counter()))
+        return (_cpu_seconds(server_pid) - before) / duration
+
+    busy = asyncio.ensure_future(server_busy()) if server_pid is not None else None
     await asyncio.gather(*(worker(k) for k in range(connections)))
     summary = _summary(latencies, errors, duration)
+    if busy is not None:
+        # At "half the peak" the server is busier than half (spaced-out requests cost more):
+        # a window near 1.0 queued its requests, whatever else happened.
+        summary["server_cpu"] = await busy
     summary["target_qps"] = rate
     summary["latencies_ms"] = np.array(latencies) * 1000  # pooled over windows by _pooled; not printed
     # A request sent late was delayed by this process (or the machine stopping it), not by
     # the server: a window whose worst lateness is near its p99 measured the machine.
     summary["late_max_ms"] = 1000 * max(late, default=0.0)
     return summary
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _summary(latencies: list[float], errors: int, duration: float) -> dict:
@@ -483,7 +503,7 @@ def run(args: argparse.Namespace) -> int:
         gc.collect()
         gc.disable()  # a collection in the load generator would delay requests it then blames on the server
         try:
-            results = asyncio.run(_measure(args, levels, fresh_port, naive_port, bodies, writer))
+            results = asyncio.run(_measure(args, levels, fresh_port, naive_port, bodies, writer, processes[0].pid))
         finally:
             gc.enable()
     finally:
@@ -501,7 +521,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _measure(args, levels, fresh_port, naive_port, bodies, writer: DeltaWriter) -> dict:
+async def _measure(args, levels, fresh_port, naive_port, bodies, writer: DeltaWriter, fresh_pid: int) -> dict:
     fresh_req, naive_req = http_requests(bodies, fresh_port), http_requests(bodies, naive_port)
     out: dict = {"closed": {}, "config": {k: getattr(args, k) for k in (
         "rows", "delta_rows", "delta_interval", "candidates", "candidate_features", "duration", "quick")}}
@@ -518,13 +538,17 @@ async def _measure(args, levels, fresh_port, naive_port, bodies, writer: DeltaWr
     print(f"open loop at {half:.0f} req/s (half of freshrec's peak): {args.rounds} windows while a delta of "
           f"{args.delta_rows:,} rows lands every {args.delta_interval}s, each between two idle windows ...", flush=True)
     before = _model_version(fresh_port)
-    out["paced_idle"] = [await open_loop(fresh_port, fresh_req, half, conns, args.warmup, args.duration)]
+
+    def paced():
+        return open_loop(fresh_port, fresh_req, half, conns, args.warmup, args.duration, server_pid=fresh_pid)
+
+    out["paced_idle"] = [await paced()]
     out["paced_deltas"] = []
     for _ in range(args.rounds):
         writer.start()
-        out["paced_deltas"].append(await open_loop(fresh_port, fresh_req, half, conns, args.warmup, args.duration))
+        out["paced_deltas"].append(await paced())
         writer.pause()
-        out["paced_idle"].append(await open_loop(fresh_port, fresh_req, half, conns, args.warmup, args.duration))
+        out["paced_idle"].append(await paced())
     published = writer.stop()
     await asyncio.sleep(min(3.0, 2 * args.delta_interval))
     after = _model_version(fresh_port)
@@ -576,6 +600,9 @@ def _report(args, r: dict) -> None:
     print("load generator's worst lateness (request sent after its scheduled start) by window, ms: idle "
           + " ".join(f"{w['late_max_ms']:.1f}" for w in idle) + ", deltas "
           + " ".join(f"{w['late_max_ms']:.1f}" for w in deltas))
+    print("freshrec worker's CPU by window (share of one core): idle "
+          + " ".join(f"{w['server_cpu']:.2f}" for w in idle) + ", deltas "
+          + " ".join(f"{w['server_cpu']:.2f}" for w in deltas))
     dl = r["deltas"]
     ratio_qps = r["peak_qps"]["freshrec"] / max(r["peak_qps"]["naive"], 1e-9)
     ratio_p99 = d["p99_ms"] / max(i["p99_ms"], 1e-9)
@@ -589,6 +616,7 @@ def _report(args, r: dict) -> None:
         "p99_ms_by_window": {"idle": [w["p99_ms"] for w in idle], "deltas": [w["p99_ms"] for w in deltas]},
         "generator_late_max_ms_by_window": {"idle": [w["late_max_ms"] for w in idle],
                                             "deltas": [w["late_max_ms"] for w in deltas]},
+        "server_cpu_by_window": {"idle": [w["server_cpu"] for w in idle], "deltas": [w["server_cpu"] for w in deltas]},
         "p99_deltas_over_idle": ratio_p99, "deltas": dl,
         "closed": {str(c): v for c, v in r["closed"].items()},
         "targets_met": {"qps_2x": ratio_qps >= 2, "p99_10ms_half_peak": i["p99_ms"] <= 10,
