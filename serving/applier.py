@@ -387,7 +387,7 @@ def _serve(sock: socket.socket) -> None:
     store = RedisVersionStore(RedisConfig.model_validate(config["redis"]))
     alloc = SharedArrays()
     tables = _Tables(config["dims"], {k: (d, tuple(s)) for k, (d, s) in config["dense"].items()}, alloc)
-    niced = False
+    yielded = False
     spare = _DeltaBuffers()
     while message := sock.recv(_MESSAGE_BYTES):
         request = json.loads(message)
@@ -408,9 +408,9 @@ def _serve(sock: socket.socket) -> None:
         except (redis.RedisError, OSError) as e:
             sock.sendall(json.dumps({"error": "redis", "message": f"{type(e).__name__}: {e}"}).encode())
             continue
-        if not niced:  # before the reply: the node serves as soon as it has it
+        if not yielded:  # before the reply: the node serves as soon as it has it
             _yield_the_cpu()
-            niced = True
+            yielded = True
         try:
             sock.sendall(json.dumps(reply).encode())
             for i in range(0, len(fds), _FDS_PER_MESSAGE):

@@ -264,7 +264,7 @@ def test_a_dead_helper_leaves_the_served_version_readable(holder, versions):
 def test_the_helper_loads_its_first_snapshot_at_the_nodes_priority_then_yields(holder, versions):
     """A node with no version answers only 503s: its first snapshot must not wait behind
     every other process on the machine. Once it serves, the helper runs as SCHED_IDLE (and at
-nice 19)."""
+    nice 19)."""
     import os
 
     from serving.applier import NICE
