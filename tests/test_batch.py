@@ -60,19 +60,21 @@ def test_batch_arrays_cross_a_process_boundary_intact():
 
 
 def test_the_handover_pipe_holds_a_whole_micro_batch():
-    """A Criteo micro-batch of 512 pickles to ~280 KiB: through the default 64 KiB pipe the
-    training process's read waited on the ingest side's feeder thread several times."""
+    """A Criteo micro-batch of 512 pickles to ~280 KiB (when it cannot take a ring slot):
+    through the default 64 KiB pipe the training process's read waited on the ingest side
+    several times."""
     import fcntl
     import multiprocessing as mp
 
     from trainer.source import _widen_pipe
 
-    q = mp.get_context("spawn").Queue()
+    reader, writer = mp.get_context("spawn").Pipe(duplex=False)
     try:
-        _widen_pipe(q)
-        assert fcntl.fcntl(q._reader.fileno(), fcntl.F_GETPIPE_SZ) == 1 << 20
+        _widen_pipe(reader)
+        assert fcntl.fcntl(reader.fileno(), fcntl.F_GETPIPE_SZ) == 1 << 20
     finally:
-        q.close()
+        reader.close()
+        writer.close()
 
 
 def test_training_pooling_equals_embedding_bag_forward_and_backward():

@@ -47,7 +47,7 @@ def drain(source: KafkaSampleSource, total: int) -> list:
         assert time.monotonic() < deadline, f"stuck at {source.positions}"
         micro = source.next_batch()
         if micro is not None:
-            batches.append(micro)
+            batches.append(micro.owned())
     return batches
 
 
@@ -124,3 +124,35 @@ def test_nothing_to_read_returns_none(kafka_config):
         assert source.positions == {} and source.lag() in ({}, {0: 0, 1: 0})
     finally:
         source.close()
+
+
+@pytest.mark.parametrize("slot_bytes_per_sample", [4096, 8])
+def test_the_ingest_process_hands_over_every_batch_in_order(kafka_config, monkeypatch, slot_bytes_per_sample):
+    """Through ring slots (more batches than slots, so each is reused) or, when a batch does
+    not fit its slot, pickled through the pipe: the same samples, in each partition's order,
+    and a lent batch is intact until the next call."""
+    import trainer.source
+
+    monkeypatch.setattr(trainer.source, "SLOT_BYTES_PER_SAMPLE", slot_bytes_per_sample)
+    samples = SyntheticStream(SCHEMA, seed=13, clock=lambda: 1.7e9).take(1200)
+    codec = SampleCodec(SCHEMA)
+    produce(kafka_config, [codec.encode_binary(s) for s in samples])
+    source = KafkaSampleSource(kafka_config, codec, batch_size=50, max_wait_ms=50, prefetch=2)
+    try:
+        learned: list = []
+        deadline = time.monotonic() + 60
+        while sum(source.positions.values()) < len(samples):
+            assert time.monotonic() < deadline, f"stuck at {source.positions}"
+            micro = source.next_batch()
+            if micro is not None:
+                kept = micro.owned()
+                time.sleep(0.002)  # the ingest process works ahead meanwhile
+                assert [s.features for s in micro.samples] == [s.features for s in kept.samples]
+                learned += kept.samples
+    finally:
+        source.close()
+    want = [codec.from_dict(s) for s in samples]
+    for partition in (0, 1):  # produced round-robin: message i went to partition i % 2
+        got = [s.features.sparse for s in learned if s.features.sparse in {w.features.sparse for w in want[partition::2]}]
+        assert got == [w.features.sparse for w in want[partition::2]]
+    assert len(learned) == len(samples)

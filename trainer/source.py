@@ -9,8 +9,9 @@ Where the time goes, and what is done about it (README: Trainer performance and 
 - Reading, decoding, validating and batching run in a separate *ingest process*
   (`ingest="process"`, the default) that works while the training process steps: the two
   overlap on two cores, and the GIL of one does not stall the other (a thread would: both
-  sides are mostly Python). The process hands over numpy-only `BatchArrays`, so the training
-  process only wraps them as tensors.
+  sides are mostly Python). It writes each batch's arrays into a slot of a shared-memory
+  ring (`trainer.handover`) and sends the slot's number and array lengths through a pipe:
+  the training process reads the arrays where they lie.
 - A micro-batch is decoded as columns (`SampleCodec.decode_batch`), not message by message.
 - The Kafka client is confluent-kafka (librdkafka, ~10x kafka-python's consume rate here),
   a dependency of freshrec; kafka-python where librdkafka cannot be imported.
@@ -22,14 +23,15 @@ and `next_offsets` only ever moves past messages that were handled that way.
 
 from __future__ import annotations
 
+import copy
 import logging
 import multiprocessing as mp
 import os
-import queue
 import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Literal
 
 import numpy as np
@@ -38,13 +40,15 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from stream.config import KafkaConfig
 from stream.sample import Features, Sample, SampleCodec
 from stream.schema import FeatureSchema
-from trainer.batch import Batch, BatchArrays
+from trainer.batch import FLAT_DTYPES, Batch, BatchArrays, sparse_layout
+from trainer.handover import SlotRing
 
 log = logging.getLogger(__name__)
 
 Client = Literal["auto", "confluent", "kafka-python"]
 Ingest = Literal["process", "inline"]
 PARTITION_WAIT_S = 30.0
+SLOT_BYTES_PER_SAMPLE = 4096  # a batch whose arrays need more goes through the pipe, pickled
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,12 @@ class MicroBatch:
 
     def __len__(self) -> int:
         return len(self.event_times)
+
+    def owned(self) -> "MicroBatch":
+        """This micro-batch with arrays of its own: `next_batch` lends a batch's arrays until
+        its next call (they lie in the ingest ring), so a caller that keeps batches takes this."""
+        return MicroBatch(self.next_offsets, self.produced_ms.copy(), arrays=copy.deepcopy(self.arrays),
+                          event_times=self.event_times.copy())
 
     @property
     def samples(self) -> list[Sample]:
@@ -288,6 +298,31 @@ class _Chunk:
     highwater: dict[int, int]
 
 
+# _Chunk.arrays' flat arrays, then event times, produced_ms, next offsets and high
+# watermarks (the last two as partition, offset pairs)
+_CHUNK_DTYPES = (*FLAT_DTYPES, np.float64, np.int64, np.int64, np.int64)
+
+
+def _chunk_arrays(chunk: _Chunk) -> list[np.ndarray]:
+    return [*chunk.arrays.flat(), chunk.event_times, chunk.produced_ms, _pairs(chunk.next_offsets),
+            _pairs(chunk.highwater)]
+
+
+def _chunk_from_arrays(arrays: list[np.ndarray], layout: tuple) -> _Chunk:
+    *flat, event_times, produced_ms, next_offsets, highwater = arrays
+    return _Chunk(BatchArrays.from_flat(flat, *layout), event_times, produced_ms, _unpair(next_offsets), [],
+                  _unpair(highwater))
+
+
+def _pairs(offsets: dict[int, int]) -> np.ndarray:
+    return np.array([x for pair in offsets.items() for x in pair], dtype=np.int64)
+
+
+def _unpair(pairs: np.ndarray) -> dict[int, int]:
+    flat = pairs.tolist()
+    return dict(zip(flat[::2], flat[1::2]))
+
+
 class _Batcher:
     """Reads messages until `batch_size` of them, or until `max_wait_ms` after the first one."""
 
@@ -321,61 +356,81 @@ class _Batcher:
 
 
 def _ingest_main(kafka: KafkaConfig, schema: FeatureSchema, max_message_bytes: int, batch_size: int,
-                 max_wait_ms: int, start_offsets: dict[int, int], client: Client,
-                 out: mp.Queue, stop: mp.Event, parent: int) -> None:
-    """The ingest process: read, decode, validate, batch; hand chunks over, bounded by `out`.
+                 max_wait_ms: int, start_offsets: dict[int, int], client: Client, ring: tuple[str, int, int],
+                 out: Connection, returned: Connection, stop: mp.Event, parent: int) -> None:
+    """The ingest process: read, decode, validate, batch; hand chunks over through `out`.
+
+    A chunk's arrays go into a free slot of the ring and `out` carries ("slot", (slot, the
+    arrays' lengths)); the training side sends the slot's number back through `returned`
+    once the step that read it is over. A chunk with dead letters or too big for a slot
+    goes whole, as ("chunk", chunk). Backpressure is the ring's free slots and the pipe's
+    capacity.
 
     It ends with its trainer: `daemon` covers a clean exit only, so a trainer killed with
     SIGKILL is noticed by being re-parented (otherwise the child would read Kafka forever)."""
     import torch
 
     torch.set_num_threads(1)  # it builds no tensors; do not let OpenMP spin on the trainer's core
+
     try:
         reader, partitions = _open(kafka, client, start_offsets)
     except Exception as e:  # noqa: BLE001 - reported to the training process, which raises it
-        out.put(("error", f"{type(e).__name__}: {e}"))
+        out.send(("error", f"{type(e).__name__}: {e}"))
         return
-    out.put(("ready", (partitions, type(reader).__name__)))
+    slots = SlotRing.attach(*ring)
+    free = list(range(slots.n_slots))
+    out.send(("ready", (partitions, type(reader).__name__)))
     batcher = _Batcher(reader, SampleCodec(schema, max_message_bytes), batch_size, max_wait_ms,
                        kafka.samples_topic)
+
     def running() -> bool:
         return not stop.is_set() and os.getppid() == parent
+
+    def free_slot() -> int | None:
+        while running():
+            while returned.poll(0 if free else 0.1):
+                free.extend(returned.recv_bytes())
+            if free:
+                return free.pop()
+        return None
 
     try:
         while running():
             chunk = batcher.next_chunk(idle_timeout_s=0.1)
             if chunk is None:
                 continue
-            while running():
-                try:
-                    out.put(("chunk", chunk), timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
+            if chunk.arrays is None or chunk.dead:  # rare: not worth a slot
+                out.send(("chunk", chunk))
+                continue
+            slot = free_slot()
+            if slot is None:
+                break
+            lengths = slots.write(slot, _chunk_arrays(chunk))
+            if lengths is None:
+                free.append(slot)
+                out.send(("chunk", chunk))
+            else:
+                out.send(("slot", (slot, lengths)))
+    except (BrokenPipeError, EOFError):  # the training process is gone: nobody to tell
+        pass
     except Exception:  # noqa: BLE001
-        out.put(("error", traceback.format_exc()))
+        out.send(("error", traceback.format_exc()))
     finally:
-        # Chunks still buffered for a trainer that stopped reading are worthless (the next
-        # trainer reads from published offsets); waiting to flush them would hang the exit.
-        out.cancel_join_thread()
         reader.close()
 
 
-def _widen_pipe(q: mp.Queue, size: int = 1 << 20) -> None:
-    """Grows the pipe under a multiprocessing queue (Linux's default is 64 KiB) so that a
-    whole micro-batch (~280 KiB pickled at Criteo shape, batch 512) goes through in one write
-    and one read. Through 64 KiB, the training process's read waited for the ingest side's
-    feeder thread to be scheduled four more times: taking a ready batch took 0.54-1.09 ms
-    (median) instead of 0.26-0.27 ms (measured with a spawned producer, 400 batches). It
-    reaches the queue's own pipe (`_reader`, there since Python 2.6); where that or
-    F_SETPIPE_SZ is missing, or the size is over the system's limit, the queue works as is."""
+def _widen_pipe(connection: Connection, size: int = 1 << 20) -> None:
+    """Grows the pipe under a connection (Linux's default is 64 KiB) so that a whole pickled
+    micro-batch (~280 KiB at Criteo shape, batch 512) goes through in one write and one read
+    when it cannot take a slot: through 64 KiB the reader waited on the writer to be
+    scheduled several times. Where F_SETPIPE_SZ is missing or the size is over the system's
+    limit, the pipe works as is."""
     import fcntl
 
-    reader = getattr(q, "_reader", None)
-    if reader is None or not hasattr(fcntl, "F_SETPIPE_SZ"):
+    if not hasattr(fcntl, "F_SETPIPE_SZ"):
         return
     try:
-        fcntl.fcntl(reader.fileno(), fcntl.F_SETPIPE_SZ, size)
+        fcntl.fcntl(connection.fileno(), fcntl.F_SETPIPE_SZ, size)
     except OSError:
         log.debug("could not widen the ingest pipe to %d bytes", size)
 
@@ -403,17 +458,30 @@ class KafkaSampleSource:
         self._closed = False
         self._process: mp.Process | None = None
         self._batcher: _Batcher | None = None
+        self._lent: int | None = None  # the ring slot that the last batch's arrays lie in
         if ingest == "process":
             ctx = mp.get_context("spawn")  # the training process has threads (torch, numba): no fork
-            self._queue = ctx.Queue(maxsize=max(1, prefetch))
-            _widen_pipe(self._queue)
+            # prefetch slots ahead, one lent to the step, one being filled
+            self._ring = SlotRing.create(max(1, prefetch) + 2, batch_size * SLOT_BYTES_PER_SAMPLE)
+            self._layout = sparse_layout(codec.schema)
+            self._chunks, chunks_in = ctx.Pipe(duplex=False)
+            returned, self._returns = ctx.Pipe(duplex=False)
+            _widen_pipe(self._chunks)
             self._stop = ctx.Event()
             self._process = ctx.Process(
                 target=_ingest_main, name="freshrec-ingest", daemon=True,
-                args=(kafka, codec.schema, codec.max_message_bytes, batch_size, max_wait_ms, start_offsets,
-                      client, self._queue, self._stop, os.getpid()))
-            self._process.start()
-            partitions, self.client_name = self._await_ready()
+                args=(kafka, codec.schema, codec.max_message_bytes, batch_size, max_wait_ms, start_offsets, client,
+                      (self._ring.path, self._ring.n_slots, self._ring.slot_bytes), chunks_in, returned,
+                      self._stop, os.getpid()))
+            try:
+                self._process.start()
+            finally:
+                chunks_in.close()  # the child's ends: a dead child is then an end of file here
+                returned.close()
+            try:
+                partitions, self.client_name = self._await_ready()
+            finally:
+                self._ring.unlink()  # mapped by both (or the child is gone): the name is not needed
         elif ingest == "inline":
             reader, partitions = _open(kafka, client, start_offsets)
             self.client_name = type(reader).__name__
@@ -429,12 +497,10 @@ class KafkaSampleSource:
     def _await_ready(self) -> tuple[list[int], str]:
         deadline = time.monotonic() + PARTITION_WAIT_S + 60  # + a cold interpreter's imports
         while time.monotonic() < deadline:
-            try:
-                kind, payload = self._queue.get(timeout=0.5)
-            except queue.Empty:
-                if not self._process.is_alive():
-                    raise RuntimeError(f"the ingest process exited with {self._process.exitcode}") from None
+            message = self._receive(0.5)
+            if message is None:
                 continue
+            kind, payload = message
             if kind == "ready":
                 return payload
             self._shutdown_process()
@@ -459,15 +525,34 @@ class KafkaSampleSource:
     def _next_chunk(self) -> _Chunk | None:
         if self._batcher is not None:
             return self._batcher.next_chunk(self.max_wait_ms / 1000)
-        try:
-            kind, payload = self._queue.get(timeout=self.max_wait_ms / 1000)
-        except queue.Empty:
-            if not self._process.is_alive():
-                raise RuntimeError(f"the ingest process exited with {self._process.exitcode}") from None
+        if self._lent is not None:  # the previous batch's step is over: its slot can be refilled
+            try:
+                self._returns.send_bytes(bytes((self._lent,)))
+            except BrokenPipeError:
+                pass  # the ingest process is gone: _receive says so
+            self._lent = None
+        message = self._receive(self.max_wait_ms / 1000)
+        if message is None:
             return None
+        kind, payload = message
         if kind == "error":
             raise RuntimeError(f"ingest process: {payload}")
         return payload
+
+    def _receive(self, timeout_s: float) -> tuple[str, object] | None:
+        """The ingest process's next message, or None when none came within timeout_s."""
+        try:
+            if not self._chunks.poll(timeout_s):
+                return None
+            kind, payload = self._chunks.recv()  # our own child's objects, over a private pipe
+        except EOFError:
+            self._process.join(timeout=5)
+            raise RuntimeError(f"the ingest process exited with {self._process.exitcode}") from None
+        if kind == "slot":
+            slot, lengths = payload
+            self._lent = slot
+            return "chunk", _chunk_from_arrays(self._ring.read(slot, lengths, _CHUNK_DTYPES), self._layout)
+        return kind, payload
 
     def lag(self) -> dict[int, int]:
         """Messages not yet learned per partition, from the high watermarks of the last fetch
@@ -498,15 +583,17 @@ class KafkaSampleSource:
         self._stop.set()
         deadline = time.monotonic() + 10
         while self._process.is_alive() and time.monotonic() < deadline:
-            try:  # drain, so that a put blocked on a full queue returns and the process can exit
-                self._queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
+            try:  # drain, so that a send blocked on a full pipe returns and the process can exit
+                if self._chunks.poll(0.05):
+                    self._chunks.recv_bytes()  # discarded unread
+            except EOFError:
+                break
         if self._process.is_alive():
             self._process.terminate()
         self._process.join(timeout=5)
-        self._queue.close()
-        self._queue.cancel_join_thread()
+        self._chunks.close()
+        self._returns.close()
+        self._ring.close()
         self._process = None
 
     def close(self) -> None:
