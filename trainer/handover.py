@@ -4,8 +4,8 @@ Through a pipe, a batch (~280 KiB at Criteo shape, batch 512) is copied three ti
 pipe, out of it, and into fresh arrays by unpickling; the training thread paid 0.39-0.47 ms a
 batch for its two (6% of a Wide & Deep step), most of it on caches the step had just evicted.
 Here the ingest process writes a batch's arrays once into a slot of a shared-memory ring; only
-the slot's number and its layout (a few hundred bytes) go through the pipe, and the training
-process reads the arrays where they lie. The bytes still come from the other core's cache,
+the slot's number and the arrays' lengths (~64 bytes pickled) go through the pipe, and the
+training process reads the arrays where they lie. The bytes still come from the other core's cache,
 but the step reads them as it needs them, once.
 
 A slot is lent, not given: its arrays are valid until the training side hands the slot back
@@ -29,7 +29,8 @@ class SlotRing:
     """`n_slots` slots of `slot_bytes` each, in one file mapped by both processes.
 
     The training process creates it (`SlotRing.create`) and unlinks the file once the ingest
-    process has mapped it (`unlink`), so that nothing is left behind however either ends."""
+    process has mapped it (`unlink`): from then on nothing is left behind however either
+    ends (a trainer killed in the seconds before leaves its file in /dev/shm)."""
 
     def __init__(self, path: str, n_slots: int, slot_bytes: int, *, create: bool) -> None:
         self.path = path
