@@ -40,7 +40,7 @@ def assert_same(got: BatchArrays, want: BatchArrays) -> None:
 
 
 def _fill(path: str, n_slots: int, slot_bytes: int, lengths) -> None:
-    ring = SlotRing.attach(path, n_slots, slot_bytes)
+    ring = SlotRing(path, n_slots, slot_bytes)
     for slot in range(n_slots):
         lengths.put(ring.write(slot, _arrays(slot, labels=slot != 1).flat()))
 

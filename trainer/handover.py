@@ -28,19 +28,18 @@ ALIGN = 64  # a cache line: no two arrays share one
 class SlotRing:
     """`n_slots` slots of `slot_bytes` each, in one file mapped by both processes.
 
-    The training process creates it (`SlotRing.create`) and unlinks the file once the ingest
-    process has mapped it (`unlink`): from then on nothing is left behind however either
-    ends (a trainer killed in the seconds before leaves its file in /dev/shm)."""
+    The training process creates it (`SlotRing.create`), the ingest process maps it
+    (`SlotRing(path, ...)`), and the training process unlinks the file once it has
+    (`unlink`): from then on nothing is left behind however either ends (a trainer killed
+    in the seconds before leaves its file in /dev/shm)."""
 
-    def __init__(self, path: str, n_slots: int, slot_bytes: int, *, create: bool) -> None:
+    def __init__(self, path: str, n_slots: int, slot_bytes: int) -> None:
+        """Maps the ring file at `path` (made by `create`)."""
         self.path = path
         self.n_slots = n_slots
         self.slot_bytes = slot_bytes
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(path, flags, 0o600)
+        fd = os.open(path, os.O_RDWR)
         try:
-            if create:
-                os.ftruncate(fd, n_slots * slot_bytes)
             self._map = mmap.mmap(fd, n_slots * slot_bytes)
         finally:
             os.close(fd)
@@ -49,14 +48,12 @@ class SlotRing:
     @classmethod
     def create(cls, n_slots: int, slot_bytes: int) -> "SlotRing":
         folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        fd, path = tempfile.mkstemp(prefix="freshrec-ring-", dir=folder)
-        os.close(fd)
-        os.unlink(path)
-        return cls(path, n_slots, slot_bytes, create=True)
-
-    @classmethod
-    def attach(cls, path: str, n_slots: int, slot_bytes: int) -> "SlotRing":
-        return cls(path, n_slots, slot_bytes, create=False)
+        fd, path = tempfile.mkstemp(prefix="freshrec-ring-", dir=folder)  # private: mode 0600
+        try:
+            os.ftruncate(fd, n_slots * slot_bytes)
+        finally:
+            os.close(fd)
+        return cls(path, n_slots, slot_bytes)
 
     def unlink(self) -> None:
         try:

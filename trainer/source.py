@@ -377,7 +377,7 @@ def _ingest_main(kafka: KafkaConfig, schema: FeatureSchema, max_message_bytes: i
     except Exception as e:  # noqa: BLE001 - reported to the training process, which raises it
         out.send(("error", f"{type(e).__name__}: {e}"))
         return
-    slots = SlotRing.attach(*ring)
+    slots = SlotRing(*ring)
     free = list(range(slots.n_slots))
     out.send(("ready", (partitions, type(reader).__name__)))
     batcher = _Batcher(reader, SampleCodec(schema, max_message_bytes), batch_size, max_wait_ms,
