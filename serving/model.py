@@ -49,8 +49,8 @@ class SparseInput:
 
 @dataclass(frozen=True)
 class Inputs:
-    """A request as the model reads it: n rows, dense [n, n_dense], one SparseInput per
-    sparse feature in schema order."""
+    """A request as the model reads it: n rows, dense [n, n_dense] (or [1, n_dense]: the
+    same for every row), one SparseInput per sparse feature in schema order."""
 
     n: int
     dense: torch.Tensor
@@ -68,6 +68,20 @@ class Inputs:
             np.cumsum(lengths[:-1], out=offsets[1:])
             sparse.append(SparseInput(keys, offsets, bool((lengths == 1).all())))
         return cls(n, dense, tuple(sparse))
+
+
+def _forward(model: nn.Module, n: int, dense: torch.Tensor, pooled: list[torch.Tensor]) -> torch.Tensor:
+    """Logits of n rows from inputs of n rows or of one row shared by all (a ranking's
+    context): computed once where all are shared, through the model's `forward_shared`
+    where it has one, else on the shared inputs expanded to n rows."""
+    shared = [t.shape[0] == 1 for t in (dense, *pooled)]
+    if n == 1 or not any(shared):
+        return model(dense, pooled)
+    if all(shared):
+        return model(dense, pooled).expand(n)
+    if hasattr(model, "forward_shared"):
+        return model.forward_shared(dense, pooled)
+    return model(dense.expand(n, -1), [p.expand(n, -1) for p in pooled])
 
 
 class StaleVersion(RuntimeError):
@@ -158,16 +172,15 @@ class ServingModel:
         pooled = []
         for f, inp in zip(self.schema.sparse, inputs.sparse):
             rows = torch.from_numpy(b.tables[f.table_name].lookup(inp.keys))
-            if inp.offsets is None:
-                one = rows if len(inp.keys) == 1 else F.embedding_bag(
-                    torch.arange(len(inp.keys)), rows, torch.zeros(1, dtype=torch.int64), mode=f.pooling)
-                pooled.append(one.expand(inputs.n, rows.shape[1]))
+            if inp.offsets is None:  # one row, shared by every row
+                pooled.append(rows if len(inp.keys) == 1 else F.embedding_bag(
+                    torch.arange(len(inp.keys)), rows, torch.zeros(1, dtype=torch.int64), mode=f.pooling))
             elif inp.single:
                 pooled.append(rows)
             else:
                 pooled.append(F.embedding_bag(torch.arange(len(inp.keys)), rows, torch.from_numpy(inp.offsets),
                                               mode=f.pooling))
-        return torch.sigmoid(b.dense(inputs.dense, pooled)).numpy()
+        return torch.sigmoid(_forward(b.dense, inputs.n, inputs.dense, pooled)).numpy()
 
     def predict(self, features: Sequence[Features]) -> np.ndarray:
         """Scores for decoded examples (tests, tools). Raises StaleVersion if recycled."""

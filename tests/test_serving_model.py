@@ -291,6 +291,6 @@ def test_shared_context_bag_scores_like_per_row_bags(holder, versions):
     per_row = Inputs(3, dense, (SparseInput(np.array([2, 2, 2]), np.array([0, 1, 2]), True), items))
     m = h.acquire()
     try:
-        np.testing.assert_array_equal(m.score(shared), m.score(per_row))
+        np.testing.assert_allclose(m.score(shared), m.score(per_row), rtol=0, atol=1e-6)
     finally:
         m.release()

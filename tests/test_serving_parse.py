@@ -88,10 +88,14 @@ def check(body: bytes) -> None:
         request = json.loads(body)
         context = request.get("context") or {}
         examples = request.get("examples")
-        merged = [{**context, **row} for row in (examples if examples is not None else request["candidates"])]
+        rows = examples if examples is not None else request["candidates"]
+        merged = [{**context, **row} for row in rows]
         features = [CODEC.features(m) for m in merged]
         dense = torch.tensor([f.dense for f in features], dtype=torch.float32).reshape(len(merged), len(SCHEMA.dense))
-        assert torch.equal(PARSER.parse(body).dense, dense)
+        parsed = PARSER.parse(body).dense  # one row, every row's, unless a row sets a dense feature
+        rows_set_dense = any(name in row for row in rows for name in SCHEMA.dense_names)
+        assert len(parsed) == (len(merged) if rows_set_dense else 1)
+        assert torch.equal(parsed.expand(len(merged), -1), dense)
         assert got[3] == [[f.sparse[j] for f in features] for j in range(len(SCHEMA.sparse))]
 
 

@@ -4,11 +4,23 @@ Every model has the same interface, `forward(dense [B, n_dense], pooled [[B, dim
 logits [B]`, so the sparse part (Embedding Variables), publishing and serving are the same
 for all of them. Sparse rows are not in these modules: they live in Embedding Variables;
 the dense parameters here are trained with torch.optim and published as named tensors.
+
+Serving a ranking request scores many candidates under one context: most inputs are the same
+for every row. `forward_shared` (DLRM, DeepFM, Wide & Deep) takes such inputs as one row
+([1, width], shared by all rows) beside per-row ones ([B, width]) and computes what depends
+only on them once: a first linear layer is split into its shared and per-row columns, and
+DLRM's dot products between shared vectors are taken once. It equals `forward` on the
+inputs expanded to B rows, up to float rounding (tests/test_models.py).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+from typing import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stream.schema import FeatureSchema
@@ -40,7 +52,47 @@ class ProjectTo(nn.Module):
     def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
         if self.identity:
             return torch.stack(pooled, dim=1)  # [B, F, dim]
-        return torch.stack([p(e) for p, e in zip(self.projections, pooled)], dim=1)
+        return torch.stack(self.each(pooled), dim=1)
+
+    def each(self, pooled: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The projected embeddings one by one (they may differ in rows: 1 when shared)."""
+        return pooled if self.identity else [p(e) for p, e in zip(self.projections, pooled)]
+
+
+def is_shared(t: torch.Tensor) -> bool:
+    """One row standing for every row of the batch (`forward_shared`'s convention)."""
+    return t.shape[0] == 1
+
+
+@functools.lru_cache(maxsize=256)
+def _column_split(widths: tuple[int, ...], shared: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column indices of the shared parts and of the per-row parts of concatenated parts."""
+    bounds = list(itertools.accumulate(widths, initial=0))
+    cols: dict[bool, list[int]] = {True: [], False: []}
+    for (start, end), one in zip(itertools.pairwise(bounds), shared):
+        cols[one].extend(range(start, end))
+    return torch.tensor(cols[True], dtype=torch.int64), torch.tensor(cols[False], dtype=torch.int64)
+
+
+def linear_of_parts(layer: nn.Linear, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`layer(torch.cat(parts, 1))` for parts of 1 (shared) or B rows: the shared columns are
+    multiplied once, the per-row ones once per row. [B, out], or [1, out] if all are shared."""
+    shared = tuple(is_shared(p) for p in parts)
+    if all(shared) or not any(shared):
+        return layer(torch.cat(list(parts), 1))
+    cols_shared, cols_rows = _column_split(tuple(p.shape[1] for p in parts), shared)
+    once = F.linear(torch.cat([p for p, one in zip(parts, shared) if one], 1),
+                    layer.weight.index_select(1, cols_shared), layer.bias)
+    per_row = F.linear(torch.cat([p for p, one in zip(parts, shared) if not one], 1),
+                       layer.weight.index_select(1, cols_rows))
+    return per_row + once
+
+
+def _after_first(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The layers of an MLP after its first linear layer."""
+    for layer in itertools.islice(layers, 1, None):
+        x = layer(x)
+    return x
 
 
 class DLRM(nn.Module):
@@ -70,6 +122,78 @@ class DLRM(nn.Module):
         """[B, n, d] -> [B, n (n - 1) / 2]: <v_i, v_j> for every pair i < j, in row-major order."""
         return torch.bmm(vectors, vectors.transpose(1, 2)).flatten(1).index_select(1, self.pairs)
 
+    def forward_shared(self, dense: torch.Tensor, pooled: list[torch.Tensor]) -> torch.Tensor:
+        """`forward` where inputs of one row are shared by every row: the dot products among
+        shared vectors, and their share of the top MLP's first layer, are computed once."""
+        x = self.bottom(dense)
+        vectors = [x, *self.project.each(pooled)]
+        plan = _dlrm_plan(tuple(is_shared(v) for v in vectors))
+        once = torch.cat([vectors[i] for i in plan.shared])  # [S, d]
+        rows = torch.stack([vectors[i] for i in plan.rows], 1)  # [B, R, d]
+        shared_dots = (once @ once.T).flatten().index_select(0, plan.shared_dots)
+        row_dots = torch.cat([torch.matmul(rows, once.T).flatten(1),  # row x shared pairs
+                              torch.bmm(rows, rows.transpose(1, 2)).flatten(1)], 1).index_select(1, plan.row_dots)
+        d = x.shape[1]
+        shared_in = torch.cat([x.reshape(1, d), shared_dots.unsqueeze(0)], 1) if plan.x_shared else shared_dots[None]
+        rows_in = row_dots if plan.x_shared else torch.cat([x, row_dots], 1)
+        first = self.top[0]
+        weight = first.weight  # columns: x's d, then one per pair in row-major order
+        h = F.linear(rows_in, weight.index_select(1, plan.row_cols(d))) + F.linear(
+            shared_in, weight.index_select(1, plan.shared_cols(d)), first.bias)
+        return _after_first(self.top, h).squeeze(1)
+
+
+class _DLRMPlan:
+    """Where each pair's dot product comes from when some vectors are shared: from the Gram
+    matrix of the shared vectors, or per row from [row x shared, row x row] products; and
+    which columns of the top MLP's input they are."""
+
+    def __init__(self, shared: tuple[bool, ...]) -> None:
+        self.x_shared = shared[0]
+        self.shared = [i for i, one in enumerate(shared) if one]
+        self.rows = [i for i, one in enumerate(shared) if not one]
+        at_s = {v: k for k, v in enumerate(self.shared)}
+        at_r = {v: k for k, v in enumerate(self.rows)}
+        n_s, n_r = len(self.shared), len(self.rows)
+        shared_dots, shared_pairs, row_dots, row_pairs = [], [], [], []
+        pairs = [(i, j) for i in range(len(shared)) for j in range(i + 1, len(shared))]
+        for p, (i, j) in enumerate(pairs):
+            if shared[i] and shared[j]:
+                shared_dots.append(at_s[i] * n_s + at_s[j])
+                shared_pairs.append(p)
+            elif shared[i] or shared[j]:
+                r, s_ = (at_r[j], at_s[i]) if shared[i] else (at_r[i], at_s[j])
+                row_dots.append(r * n_s + s_)
+                row_pairs.append(p)
+            else:
+                row_dots.append(n_r * n_s + at_r[i] * n_r + at_r[j])
+                row_pairs.append(p)
+        self.shared_dots = torch.tensor(shared_dots, dtype=torch.int64)
+        self.row_dots = torch.tensor(row_dots, dtype=torch.int64)
+        self._shared_pairs, self._row_pairs = shared_pairs, row_pairs
+        self._cols: dict[tuple[bool, int], torch.Tensor] = {}
+
+    def shared_cols(self, d: int) -> torch.Tensor:
+        return self._columns(True, d)
+
+    def row_cols(self, d: int) -> torch.Tensor:
+        return self._columns(False, d)
+
+    def _columns(self, shared: bool, d: int) -> torch.Tensor:
+        """Columns of the top MLP's input: x's d first (with the shared or the per-row
+        values, as x is), then d + the pair's position."""
+        cols = self._cols.get((shared, d))
+        if cols is None:
+            x = list(range(d)) if self.x_shared == shared else []
+            pairs = self._shared_pairs if shared else self._row_pairs
+            cols = self._cols[(shared, d)] = torch.tensor(x + [d + p for p in pairs], dtype=torch.int64)
+        return cols
+
+
+@functools.lru_cache(maxsize=256)
+def _dlrm_plan(shared: tuple[bool, ...]) -> _DLRMPlan:
+    return _DLRMPlan(shared)
+
 
 class WideAndDeep(nn.Module):
     """Wide & Deep (Cheng et al., 2016): a linear model beside an MLP, summed as logits.
@@ -88,6 +212,11 @@ class WideAndDeep(nn.Module):
         x = torch.cat([dense, *pooled], dim=1)
         return (self.wide(x) + self.deep(x)).squeeze(1)
 
+    def forward_shared(self, dense: torch.Tensor, pooled: list[torch.Tensor]) -> torch.Tensor:
+        parts = [dense, *pooled]
+        deep = _after_first(self.deep, linear_of_parts(self.deep[0], parts))
+        return (linear_of_parts(self.wide, parts) + deep).squeeze(1)
+
 
 class DeepFM(nn.Module):
     """DeepFM (Guo et al., 2017): first-order terms, a factorization machine's pairwise
@@ -105,6 +234,18 @@ class DeepFM(nn.Module):
         fm = 0.5 * (fields.sum(dim=1).pow(2) - fields.pow(2).sum(dim=1)).sum(dim=1, keepdim=True)
         x = torch.cat([dense, *pooled], dim=1)
         return (self.first_order(x) + fm + self.deep(x)).squeeze(1)
+
+    def forward_shared(self, dense: torch.Tensor, pooled: list[torch.Tensor]) -> torch.Tensor:
+        """The FM's sums over fields are the shared fields' sums plus the per-row fields'."""
+        fields = [self.dense_vector(dense), *self.project.each(pooled)]
+        once = torch.cat([f for f in fields if is_shared(f)])  # [S, k]
+        rows = torch.stack([f for f in fields if not is_shared(f)], 1)  # [B, R, k]
+        total = once.sum(0, keepdim=True) + rows.sum(1)
+        squares = once.pow(2).sum(0, keepdim=True) + rows.pow(2).sum(1)
+        fm = 0.5 * (total.pow(2) - squares).sum(dim=1, keepdim=True)
+        parts = [dense, *pooled]
+        deep = _after_first(self.deep, linear_of_parts(self.deep[0], parts))
+        return (linear_of_parts(self.first_order, parts) + fm + deep).squeeze(1)
 
 
 class CrossLayerV2(nn.Module):
