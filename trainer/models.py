@@ -124,75 +124,59 @@ class DLRM(nn.Module):
 
     def forward_shared(self, dense: torch.Tensor, pooled: list[torch.Tensor]) -> torch.Tensor:
         """`forward` where inputs of one row are shared by every row: the dot products among
-        shared vectors, and their share of the top MLP's first layer, are computed once."""
+        shared vectors, and their share of the top MLP's first layer, are computed once.
+        At least one input is shared and one is not (`serving.model` sends only such)."""
         x = self.bottom(dense)
         vectors = [x, *self.project.each(pooled)]
-        plan = _dlrm_plan(tuple(is_shared(v) for v in vectors))
+        d = x.shape[1]
+        plan = _dlrm_plan(tuple(is_shared(v) for v in vectors), d)
         once = torch.cat([vectors[i] for i in plan.shared])  # [S, d]
         rows = torch.stack([vectors[i] for i in plan.rows], 1)  # [B, R, d]
         shared_dots = (once @ once.T).flatten().index_select(0, plan.shared_dots)
         row_dots = torch.cat([torch.matmul(rows, once.T).flatten(1),  # row x shared pairs
                               torch.bmm(rows, rows.transpose(1, 2)).flatten(1)], 1).index_select(1, plan.row_dots)
-        d = x.shape[1]
-        shared_in = torch.cat([x.reshape(1, d), shared_dots.unsqueeze(0)], 1) if plan.x_shared else shared_dots[None]
+        shared_in = torch.cat([x, shared_dots[None]], 1) if plan.x_shared else shared_dots[None]
         rows_in = row_dots if plan.x_shared else torch.cat([x, row_dots], 1)
         first = self.top[0]
-        weight = first.weight  # columns: x's d, then one per pair in row-major order
-        h = F.linear(rows_in, weight.index_select(1, plan.row_cols(d))) + F.linear(
-            shared_in, weight.index_select(1, plan.shared_cols(d)), first.bias)
+        h = F.linear(rows_in, first.weight.index_select(1, plan.row_cols)) + F.linear(
+            shared_in, first.weight.index_select(1, plan.shared_cols), first.bias)
         return _after_first(self.top, h).squeeze(1)
 
 
 class _DLRMPlan:
     """Where each pair's dot product comes from when some vectors are shared: from the Gram
     matrix of the shared vectors, or per row from [row x shared, row x row] products; and
-    which columns of the top MLP's input they are."""
+    which columns of the top MLP's input (x's d, then one per pair) they and x are."""
 
-    def __init__(self, shared: tuple[bool, ...]) -> None:
+    def __init__(self, shared: tuple[bool, ...], d: int) -> None:
         self.x_shared = shared[0]
         self.shared = [i for i, one in enumerate(shared) if one]
         self.rows = [i for i, one in enumerate(shared) if not one]
         at_s = {v: k for k, v in enumerate(self.shared)}
         at_r = {v: k for k, v in enumerate(self.rows)}
         n_s, n_r = len(self.shared), len(self.rows)
-        shared_dots, shared_pairs, row_dots, row_pairs = [], [], [], []
+        shared_dots, row_dots = [], []
+        x_cols = list(range(d))
+        shared_cols, row_cols = (x_cols, []) if self.x_shared else ([], x_cols)
         pairs = [(i, j) for i in range(len(shared)) for j in range(i + 1, len(shared))]
         for p, (i, j) in enumerate(pairs):
             if shared[i] and shared[j]:
                 shared_dots.append(at_s[i] * n_s + at_s[j])
-                shared_pairs.append(p)
-            elif shared[i] or shared[j]:
+                shared_cols.append(d + p)
+                continue
+            if shared[i] or shared[j]:
                 r, s_ = (at_r[j], at_s[i]) if shared[i] else (at_r[i], at_s[j])
                 row_dots.append(r * n_s + s_)
-                row_pairs.append(p)
             else:
                 row_dots.append(n_r * n_s + at_r[i] * n_r + at_r[j])
-                row_pairs.append(p)
-        self.shared_dots = torch.tensor(shared_dots, dtype=torch.int64)
-        self.row_dots = torch.tensor(row_dots, dtype=torch.int64)
-        self._shared_pairs, self._row_pairs = shared_pairs, row_pairs
-        self._cols: dict[tuple[bool, int], torch.Tensor] = {}
-
-    def shared_cols(self, d: int) -> torch.Tensor:
-        return self._columns(True, d)
-
-    def row_cols(self, d: int) -> torch.Tensor:
-        return self._columns(False, d)
-
-    def _columns(self, shared: bool, d: int) -> torch.Tensor:
-        """Columns of the top MLP's input: x's d first (with the shared or the per-row
-        values, as x is), then d + the pair's position."""
-        cols = self._cols.get((shared, d))
-        if cols is None:
-            x = list(range(d)) if self.x_shared == shared else []
-            pairs = self._shared_pairs if shared else self._row_pairs
-            cols = self._cols[(shared, d)] = torch.tensor(x + [d + p for p in pairs], dtype=torch.int64)
-        return cols
+            row_cols.append(d + p)
+        self.shared_dots, self.row_dots, self.shared_cols, self.row_cols = (
+            torch.tensor(v, dtype=torch.int64) for v in (shared_dots, row_dots, shared_cols, row_cols))
 
 
 @functools.lru_cache(maxsize=256)
-def _dlrm_plan(shared: tuple[bool, ...]) -> _DLRMPlan:
-    return _DLRMPlan(shared)
+def _dlrm_plan(shared: tuple[bool, ...], d: int) -> _DLRMPlan:
+    return _DLRMPlan(shared, d)
 
 
 class WideAndDeep(nn.Module):
@@ -236,7 +220,8 @@ class DeepFM(nn.Module):
         return (self.first_order(x) + fm + self.deep(x)).squeeze(1)
 
     def forward_shared(self, dense: torch.Tensor, pooled: list[torch.Tensor]) -> torch.Tensor:
-        """The FM's sums over fields are the shared fields' sums plus the per-row fields'."""
+        """The FM's sums over fields are the shared fields' sums plus the per-row fields'.
+        At least one input is shared and one is not (`serving.model` sends only such)."""
         fields = [self.dense_vector(dense), *self.project.each(pooled)]
         once = torch.cat([f for f in fields if is_shared(f)])  # [S, k]
         rows = torch.stack([f for f in fields if not is_shared(f)], 1)  # [B, R, k]
