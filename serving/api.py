@@ -9,11 +9,12 @@ event-time fields are accepted and ignored, so a sample can be sent as it is.
 directly: in the ranking form the shared context is parsed and hashed once, a sparse
 feature no candidate sets stays one shared bag, so its embedding is looked up and pooled
 once for the whole request, and the dense features stay one shared row unless a candidate
-sets one (the model then computes what depends only on shared inputs once). The pydantic models define what is accepted (and document it
-in OpenAPI); msgspec structs derived from the same schema validate the common case 2-3x
-faster (a 100-candidate ranking body: 127-157 -> 55-63 µs), and any body they refuse is
-decided by the pydantic models, so a request is accepted, or refused with the same 422,
-exactly as the pydantic models alone would do (tests/test_serving_parse.py).
+sets one (the model then computes what depends only on shared inputs once). The pydantic
+models define what is accepted (and document it in OpenAPI); msgspec structs derived from
+the same schema validate the common case 2-3x faster (a 100-candidate ranking body: 127-157
+-> 55-63 µs), and any body they refuse is decided by the pydantic models, so a request is
+accepted, or refused with the same 422, exactly as the pydantic models alone would do
+(tests/test_serving_parse.py).
 """
 
 from __future__ import annotations
