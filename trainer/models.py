@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,18 +74,28 @@ def _column_split(widths: tuple[int, ...], shared: tuple[bool, ...]) -> tuple[to
     return torch.tensor(cols[True], dtype=torch.int64), torch.tensor(cols[False], dtype=torch.int64)
 
 
-def linear_of_parts(layer: nn.Linear, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """`layer(torch.cat(parts, 1))` for parts of 1 (shared) or B rows: the shared columns are
-    multiplied once, the per-row ones once per row. [B, out], or [1, out] if all are shared."""
-    shared = tuple(is_shared(p) for p in parts)
-    if all(shared) or not any(shared):
-        return layer(torch.cat(list(parts), 1))
-    cols_shared, cols_rows = _column_split(tuple(p.shape[1] for p in parts), shared)
-    once = F.linear(torch.cat([p for p, one in zip(parts, shared) if one], 1),
-                    layer.weight.index_select(1, cols_shared), layer.bias)
-    per_row = F.linear(torch.cat([p for p, one in zip(parts, shared) if not one], 1),
-                       layer.weight.index_select(1, cols_rows))
-    return per_row + once
+class SplitInput(NamedTuple):
+    """`torch.cat(parts, 1)` for parts of 1 (shared) or B rows, kept as its shared columns
+    (one row) and its per-row columns, with where each sits in the concatenation."""
+
+    once: torch.Tensor  # [1, shared width]
+    per_row: torch.Tensor  # [B, per-row width]
+    once_cols: torch.Tensor
+    per_row_cols: torch.Tensor
+
+    @classmethod
+    def of(cls, parts: Sequence[torch.Tensor]) -> "SplitInput":
+        """At least one part shared and one not."""
+        shared = tuple(is_shared(p) for p in parts)
+        once_cols, per_row_cols = _column_split(tuple(p.shape[1] for p in parts), shared)
+        return cls(torch.cat([p for p, one in zip(parts, shared) if one], 1),
+                   torch.cat([p for p, one in zip(parts, shared) if not one], 1), once_cols, per_row_cols)
+
+    def linear(self, layer: nn.Linear) -> torch.Tensor:
+        """`layer` on the concatenation: the shared columns multiplied once, the per-row
+        ones once per row. [B, out]"""
+        once = F.linear(self.once, layer.weight.index_select(1, self.once_cols), layer.bias)
+        return F.linear(self.per_row, layer.weight.index_select(1, self.per_row_cols)) + once
 
 
 def _after_first(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -197,9 +207,9 @@ class WideAndDeep(nn.Module):
         return (self.wide(x) + self.deep(x)).squeeze(1)
 
     def forward_shared(self, dense: torch.Tensor, pooled: list[torch.Tensor]) -> torch.Tensor:
-        parts = [dense, *pooled]
-        deep = _after_first(self.deep, linear_of_parts(self.deep[0], parts))
-        return (linear_of_parts(self.wide, parts) + deep).squeeze(1)
+        """At least one input is shared and one is not (`serving.model` sends only such)."""
+        x = SplitInput.of([dense, *pooled])
+        return (x.linear(self.wide) + _after_first(self.deep, x.linear(self.deep[0]))).squeeze(1)
 
 
 class DeepFM(nn.Module):
@@ -228,9 +238,8 @@ class DeepFM(nn.Module):
         total = once.sum(0, keepdim=True) + rows.sum(1)
         squares = once.pow(2).sum(0, keepdim=True) + rows.pow(2).sum(1)
         fm = 0.5 * (total.pow(2) - squares).sum(dim=1, keepdim=True)
-        parts = [dense, *pooled]
-        deep = _after_first(self.deep, linear_of_parts(self.deep[0], parts))
-        return (linear_of_parts(self.first_order, parts) + fm + deep).squeeze(1)
+        x = SplitInput.of([dense, *pooled])
+        return (x.linear(self.first_order) + fm + _after_first(self.deep, x.linear(self.deep[0]))).squeeze(1)
 
 
 class CrossLayerV2(nn.Module):
