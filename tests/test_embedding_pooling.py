@@ -26,11 +26,12 @@ def test_bag_sum_matches_torch_indexing_forward_and_backward() -> None:
     rows = torch.randn(keys.size, 5, requires_grad=True)
     ref_rows = rows.detach().clone().requires_grad_()
     weight = torch.randn(4, 5)
-    (bag_sum(rows, inverse, offsets) * weight).sum().backward()
+    starts = offsets[:-1]  # bag starts, as embedding_bag takes them: the last bag ends at the last id
+    (bag_sum(rows, inverse, starts) * weight).sum().backward()
     inv = torch.from_numpy(inverse)
     ref = torch.stack([ref_rows[inv[a:b]].sum(0) for a, b in zip(offsets[:-1], offsets[1:])])
     (ref * weight).sum().backward()
-    torch.testing.assert_close(bag_sum(rows, inverse, offsets), ref)
+    torch.testing.assert_close(bag_sum(rows, inverse, starts), ref)
     torch.testing.assert_close(rows.grad, ref_rows.grad)
 
 
@@ -114,10 +115,10 @@ def test_pool_concat_matches_torch_embedding_bag() -> None:
     buffer = RowBuffer(shapes)
     for t, (n, d) in enumerate(shapes):
         buffer.rows(t)[:] = rng.standard_normal((n, d))
-    features = [  # (table, indices, offsets, mean)
+    features = [  # (table, indices, bag starts, mean)
         (0, rng.integers(0, 6, 7), None, False),
-        (1, rng.integers(0, 4, 5), np.array([0, 1, 1, 3, 4, 4, 5, 5]), False),
-        (0, rng.integers(0, 6, 9), np.array([0, 2, 2, 5, 6, 8, 8, 9]), True),
+        (1, rng.integers(0, 4, 5), np.array([0, 1, 1, 3, 4, 4, 5]), False),
+        (0, rng.integers(0, 6, 9), np.array([0, 2, 2, 5, 6, 8, 8]), True),
     ]
     weight = torch.randn(7, 8)
     pooled = pool_concat(buffer.values, [buffer.bags(t, i, o, m) for t, i, o, m in features])
@@ -125,7 +126,7 @@ def test_pool_concat_matches_torch_embedding_bag() -> None:
     tables = [torch.from_numpy(buffer.rows(t).copy()).requires_grad_() for t in range(len(shapes))]
     ref = torch.cat([
         F.embedding_bag(torch.from_numpy(i), tables[t],
-                        torch.arange(i.size) if o is None else torch.from_numpy(o[:-1]), mode="mean" if m else "sum")
+                        torch.arange(i.size) if o is None else torch.from_numpy(o), mode="mean" if m else "sum")
         for t, i, o, m in features], 1)
     (ref * weight).sum().backward()
     torch.testing.assert_close(pooled, ref)
@@ -138,7 +139,9 @@ def test_pool_concat_rejects_indices_outside_the_rows() -> None:
     with pytest.raises(IndexError):
         pool_concat(buffer.values, [buffer.bags(0, np.array([0, 3]))])  # row 3 of a 3-row table
     with pytest.raises(IndexError):
-        pool_concat(buffer.values, [buffer.bags(1, np.array([0, 1]), np.array([0, 1, 3]))])  # offset past the ids
+        pool_concat(buffer.values, [buffer.bags(1, np.array([0, 1]), np.array([0, 3]))])  # a bag starts past the ids
+    with pytest.raises(IndexError):
+        pool_concat(buffer.values, [buffer.bags(1, np.array([0, 1]), np.array([1, 0]))])  # bag starts decrease
     with pytest.raises(ValueError):
         pool_concat(buffer.values, [buffer.bags(0, np.array([0])), buffer.bags(1, np.array([0, 1]))])
 

@@ -10,8 +10,8 @@ Where the time goes, and what is done about it (README: Trainer performance and 
   (`ingest="process"`, the default) that works while the training process steps: the two
   overlap on two cores, and the GIL of one does not stall the other (a thread would: both
   sides are mostly Python). It writes each batch's arrays into a slot of a shared-memory
-  ring (`trainer.handover`) and sends the slot's number and array lengths through a pipe:
-  the training process reads the arrays where they lie.
+  ring (`trainer.handover`) and sends the slot's number through a pipe: the training
+  process reads the arrays where they lie.
 - A micro-batch is decoded as columns (`SampleCodec.decode_batch`), not message by message.
 - The Kafka client is confluent-kafka (librdkafka, ~10x kafka-python's consume rate here),
   a dependency of freshrec; kafka-python where librdkafka cannot be imported.
@@ -40,15 +40,15 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from stream.config import KafkaConfig
 from stream.sample import Features, Sample, SampleCodec
 from stream.schema import FeatureSchema
-from trainer.batch import FLAT_DTYPES, Batch, BatchArrays, sparse_layout
-from trainer.handover import SlotRing
+from trainer.batch import FLAT_DTYPES, Batch, BatchArrays, SparseLayout, batch_from_flat
+from trainer.handover import SLOT, Inbox, Outbox, SlotRing
 
 log = logging.getLogger(__name__)
 
 Client = Literal["auto", "confluent", "kafka-python"]
 Ingest = Literal["process", "inline"]
 PARTITION_WAIT_S = 30.0
-SLOT_BYTES_PER_SAMPLE = 4096  # a batch whose arrays need more goes through the pipe, pickled
+SLOT_BYTES_PER_SAMPLE = 4096  # a batch whose arrays need more goes through the pipe, whole
 RING_NAP_S = 0.001  # how long the ingest process naps when every ring slot is full or lent
 
 
@@ -67,17 +67,18 @@ class DeadLetter:
 class MicroBatch:
     """The valid samples of a run of messages, and how far the stream is read once learned.
 
-    The trainer reads `batch` (built off the training thread, in the ingest process);
+    The trainer reads `batch` (decoded off the training thread, in the ingest process);
     `samples` shows the same samples as `Sample` objects, for tests and tools."""
 
-    def __init__(self, next_offsets: dict[int, int], produced_ms: np.ndarray, *, arrays: BatchArrays | None,
+    def __init__(self, next_offsets: dict[int, int], produced_ms: np.ndarray, *, batch: Batch | None,
                  event_times: np.ndarray) -> None:
         # Next offset to read per partition once this batch is learned (Kafka's commit convention).
         self.next_offsets: dict[int, int] = dict(next_offsets)
         # Kafka record timestamps (ms) of the batch's samples: when they were produced.
-        self.produced_ms = np.asarray(produced_ms, dtype=np.int64)
-        self.arrays = arrays
-        self.event_times = np.asarray(event_times, dtype=np.float64)
+        self.produced_ms = produced_ms
+        # The model's input with labels; None when every message was dead-lettered.
+        self.batch = batch
+        self.event_times = event_times
 
     def __len__(self) -> int:
         return len(self.event_times)
@@ -85,17 +86,12 @@ class MicroBatch:
     def owned(self) -> "MicroBatch":
         """This micro-batch with arrays of its own: `next_batch` lends a batch's arrays until
         its next call (they lie in the ingest ring), so a caller that keeps batches takes this."""
-        return MicroBatch(self.next_offsets, self.produced_ms.copy(), arrays=copy.deepcopy(self.arrays),
-                          event_times=self.event_times.copy())
+        batch = None if self.batch is None else copy.deepcopy(BatchArrays.from_batch(self.batch)).to_batch()
+        return MicroBatch(self.next_offsets, self.produced_ms.copy(), batch=batch, event_times=self.event_times.copy())
 
     @property
     def samples(self) -> list[Sample]:
-        return _samples_from_arrays(self.arrays, self.event_times) if self.arrays is not None else []
-
-    @property
-    def batch(self) -> Batch | None:
-        """The model's input with labels; None when every message was dead-lettered."""
-        return self.arrays.to_batch() if self.arrays is not None and len(self) else None
+        return [] if self.batch is None else _samples_from_arrays(BatchArrays.from_batch(self.batch), self.event_times)
 
     @property
     def watermark(self) -> float:
@@ -291,7 +287,7 @@ def _open(kafka: KafkaConfig, client: Client, start_offsets: dict[int, int]):
 class _Chunk:
     """One micro-batch as it crosses from the ingest side to the training side."""
 
-    arrays: BatchArrays | None
+    flat: list[np.ndarray] | None  # the batch (`BatchArrays.flat`); None when no message was valid
     event_times: np.ndarray
     produced_ms: np.ndarray
     next_offsets: dict[int, int]  # past every message of the chunk
@@ -299,20 +295,33 @@ class _Chunk:
     highwater: dict[int, int]
 
 
-# _Chunk.arrays' flat arrays, then event times, produced_ms, next offsets and high
-# watermarks (the last two as partition, offset pairs)
-_CHUNK_DTYPES = (*FLAT_DTYPES, np.float64, np.int64, np.int64, np.int64)
+# a chunk in a ring slot: its flat arrays, then event times, produced_ms, next offsets and
+# high watermarks (the last two as partition, offset pairs)
+_CHUNK_DTYPES = (*FLAT_DTYPES, *(np.dtype(t) for t in (np.float64, np.int64, np.int64, np.int64)))
 
 
 def _chunk_arrays(chunk: _Chunk) -> list[np.ndarray]:
-    return [*chunk.arrays.flat(), chunk.event_times, chunk.produced_ms, _pairs(chunk.next_offsets),
+    return [*(chunk.flat or ()), chunk.event_times, chunk.produced_ms, _pairs(chunk.next_offsets),
             _pairs(chunk.highwater)]
 
 
-def _chunk_from_arrays(arrays: list[np.ndarray], layout: tuple) -> _Chunk:
+def _chunk_from_arrays(arrays: list[np.ndarray], dead: list[DeadLetter] | None = None) -> _Chunk:
     *flat, event_times, produced_ms, next_offsets, highwater = arrays
-    return _Chunk(BatchArrays.from_flat(flat, *layout), event_times, produced_ms, _unpair(next_offsets), [],
-                  _unpair(highwater))
+    return _Chunk(flat or None, event_times, produced_ms, _unpair(next_offsets), dead or [], _unpair(highwater))
+
+
+def _chunk_message(chunk: _Chunk) -> list:
+    """A chunk that does not go through the ring, as msgpack carries it: its arrays' bytes
+    (the batch's left out when no message was valid) and its dead letters' fields."""
+    dead = [[d.value, d.reason, d.detail, d.topic, d.partition, d.offset] for d in chunk.dead]
+    return [[a.tobytes() for a in _chunk_arrays(chunk)], dead]
+
+
+def _chunk_from_message(message: list) -> _Chunk:
+    data, dead = message
+    dtypes = _CHUNK_DTYPES[-len(data):]  # the batch's flat arrays, when there is a batch, then the chunk's own
+    arrays = [np.frombuffer(b, dtype).copy() for b, dtype in zip(data, dtypes, strict=True)]  # writable
+    return _chunk_from_arrays(arrays, [DeadLetter(*fields) for fields in dead])
 
 
 def _pairs(offsets: dict[int, int]) -> np.ndarray:
@@ -351,8 +360,8 @@ class _Batcher:
         decoded = self.codec.decode_batch(records.values)
         dead = [DeadLetter(records.values[i], e.reason, e.detail, self.topic, int(records.partitions[i]),
                            int(records.offsets[i])) for i, e in decoded.errors]
-        arrays = BatchArrays.from_decoded(self.codec.schema, decoded) if len(decoded) else None
-        return _Chunk(arrays, decoded.event_times, records.timestamps_ms[decoded.rows], records.next_offsets(), dead,
+        flat = BatchArrays.from_decoded(self.codec.schema, decoded).flat() if len(decoded) else None
+        return _Chunk(flat, decoded.event_times, records.timestamps_ms[decoded.rows], records.next_offsets(), dead,
                       self.reader.highwater())
 
 
@@ -361,11 +370,10 @@ def _ingest_main(kafka: KafkaConfig, schema: FeatureSchema, max_message_bytes: i
                  out: Connection, returned: Connection, stop: mp.Event, parent: int) -> None:
     """The ingest process: read, decode, validate, batch; hand chunks over through `out`.
 
-    A chunk's arrays go into a free slot of the ring and `out` carries ("slot", (slot, the
-    arrays' lengths)); the training side sends the slot's number back through `returned`
-    once the step that read it is over. A chunk with dead letters or too big for a slot
-    goes whole, as ("chunk", chunk). Backpressure is the ring's free slots and the pipe's
-    capacity.
+    A chunk's arrays go into a free slot of the ring and `out` carries the slot's number; the
+    training side writes the number back to `returned` (a byte) once the step that read it is
+    over. A chunk with dead letters or too big for a slot goes whole, as ("chunk", chunk).
+    Backpressure is the ring's free slots and the pipe's capacity.
 
     It ends with its trainer: `daemon` covers a clean exit only, so a trainer killed with
     SIGKILL is noticed by being re-parented (otherwise the child would read Kafka forever)."""
@@ -373,14 +381,16 @@ def _ingest_main(kafka: KafkaConfig, schema: FeatureSchema, max_message_bytes: i
 
     torch.set_num_threads(1)  # it builds no tensors; do not let OpenMP spin on the trainer's core
 
+    outbox = Outbox(out)
     try:
         reader, partitions = _open(kafka, client, start_offsets)
     except Exception as e:  # noqa: BLE001 - reported to the training process, which raises it
-        out.send(("error", f"{type(e).__name__}: {e}"))
+        outbox.send(("error", f"{type(e).__name__}: {e}"))
         return
     slots = SlotRing(*ring)
     free = list(range(slots.n_slots))
-    out.send(("ready", (partitions, type(reader).__name__)))
+    os.set_blocking(returned.fileno(), False)
+    outbox.send(("ready", (partitions, type(reader).__name__)))
     batcher = _Batcher(reader, SampleCodec(schema, max_message_bytes), batch_size, max_wait_ms,
                        kafka.samples_topic)
 
@@ -393,8 +403,13 @@ def _ingest_main(kafka: KafkaConfig, schema: FeatureSchema, max_message_bytes: i
         hand-back cost the training thread 37-40 µs (a cross-core wake-up in a VM), and a
         nap delays only a refill that the batches already waiting cover."""
         while running():
-            while returned.poll(0):
-                free.extend(returned.recv_bytes())
+            try:
+                handed_back = os.read(returned.fileno(), 256)
+            except BlockingIOError:
+                handed_back = None
+            if handed_back == b"":
+                raise EOFError("the training process closed its end")
+            free.extend(handed_back or ())
             if free:
                 return free.pop()
             time.sleep(RING_NAP_S)
@@ -405,28 +420,27 @@ def _ingest_main(kafka: KafkaConfig, schema: FeatureSchema, max_message_bytes: i
             chunk = batcher.next_chunk(idle_timeout_s=0.1)
             if chunk is None:
                 continue
-            if chunk.arrays is None or chunk.dead:  # rare: not worth a slot
-                out.send(("chunk", chunk))
+            if chunk.flat is None or chunk.dead:  # rare: not worth a slot
+                outbox.send(("chunk", _chunk_message(chunk)))
                 continue
             slot = free_slot()
             if slot is None:
                 break
-            lengths = slots.write(slot, _chunk_arrays(chunk))
-            if lengths is None:
-                free.append(slot)
-                out.send(("chunk", chunk))
+            if slots.write(slot, _chunk_arrays(chunk)):
+                outbox.send_slot(slot)
             else:
-                out.send(("slot", (slot, lengths)))
+                free.append(slot)
+                outbox.send(("chunk", _chunk_message(chunk)))
     except (BrokenPipeError, EOFError):  # the training process is gone: nobody to tell
         pass
     except Exception:  # noqa: BLE001
-        out.send(("error", traceback.format_exc()))
+        outbox.send(("error", traceback.format_exc()))
     finally:
         reader.close()
 
 
 def _widen_pipe(connection: Connection, size: int = 1 << 20) -> None:
-    """Grows the pipe under a connection (Linux's default is 64 KiB) so that a whole pickled
+    """Grows the pipe under a connection (Linux's default is 64 KiB) so that a whole encoded
     micro-batch (~280 KiB at Criteo shape, batch 512) goes through in one write and one read
     when it cannot take a slot: through 64 KiB the reader waited on the writer to be
     scheduled several times. Where F_SETPIPE_SZ is missing or the size is over the system's
@@ -465,14 +479,15 @@ class KafkaSampleSource:
         self._process: mp.Process | None = None
         self._batcher: _Batcher | None = None
         self._lent: int | None = None  # the ring slot that the last batch's arrays lie in
+        self._layout = SparseLayout.of(codec.schema)
         if ingest == "process":
             ctx = mp.get_context("spawn")  # the training process has threads (torch, numba): no fork
             # prefetch slots ahead, one lent to the step, one being filled
             self._ring = SlotRing.create(max(1, prefetch) + 2, batch_size * SLOT_BYTES_PER_SAMPLE)
-            self._layout = sparse_layout(codec.schema)
-            self._chunks, chunks_in = ctx.Pipe(duplex=False)
+            chunks_out, chunks_in = ctx.Pipe(duplex=False)
             returned, self._returns = ctx.Pipe(duplex=False)
-            _widen_pipe(self._chunks)
+            _widen_pipe(chunks_out)
+            self._inbox = Inbox(chunks_out)
             self._stop = ctx.Event()
             self._process = ctx.Process(
                 target=_ingest_main, name="freshrec-ingest", daemon=True,
@@ -480,14 +495,14 @@ class KafkaSampleSource:
                       (self._ring.path, self._ring.n_slots, self._ring.slot_bytes), chunks_in, returned,
                       self._stop, os.getpid()))
             try:
-                self._process.start()
-            finally:
-                chunks_in.close()  # the child's ends: a dead child is then an end of file here
-                returned.close()
-            try:
+                try:
+                    self._process.start()
+                finally:
+                    chunks_in.close()  # the child's ends: a dead child is then an end of file here
+                    returned.close()
                 partitions, self.client_name = self._await_ready()
             finally:
-                self._ring.unlink()  # mapped by both (or the child is gone): the name is not needed
+                self._ring.unlink()  # mapped by both (or the child is gone, or never started): not needed
         elif ingest == "inline":
             reader, partitions = _open(kafka, client, start_offsets)
             self.client_name = type(reader).__name__
@@ -526,14 +541,15 @@ class KafkaSampleSource:
             self._dead_letter(d)
         self.positions.update(chunk.next_offsets)
         self._highwater.update(chunk.highwater)
-        return MicroBatch(self.positions, chunk.produced_ms, arrays=chunk.arrays, event_times=chunk.event_times)
+        batch = None if chunk.flat is None or not len(chunk.event_times) else batch_from_flat(chunk.flat, self._layout)
+        return MicroBatch(self.positions, chunk.produced_ms, batch=batch, event_times=chunk.event_times)
 
     def _next_chunk(self) -> _Chunk | None:
         if self._batcher is not None:
             return self._batcher.next_chunk(self.max_wait_ms / 1000)
         if self._lent is not None:  # the previous batch's step is over: its slot can be refilled
             try:
-                self._returns.send_bytes(bytes((self._lent,)))
+                os.write(self._returns.fileno(), bytes((self._lent,)))
             except BrokenPipeError:
                 pass  # the ingest process is gone: _receive says so
             self._lent = None
@@ -548,17 +564,18 @@ class KafkaSampleSource:
     def _receive(self, timeout_s: float) -> tuple[str, object] | None:
         """The ingest process's next message, or None when none came within timeout_s."""
         try:
-            if not self._chunks.poll(timeout_s):
-                return None
-            kind, payload = self._chunks.recv()  # our own child's objects, over a private pipe
+            frame = self._inbox.receive(timeout_s)  # our own child's objects, over a private pipe
         except EOFError:
             self._process.join(timeout=5)
             raise RuntimeError(f"the ingest process exited with {self._process.exitcode}") from None
-        if kind == "slot":
-            slot, lengths = payload
-            self._lent = slot
-            return "chunk", _chunk_from_arrays(self._ring.read(slot, lengths, _CHUNK_DTYPES), self._layout)
-        return kind, payload
+        if frame is None:
+            return None
+        kind, payload = frame
+        if kind == SLOT:
+            self._lent = payload
+            return "chunk", _chunk_from_arrays(self._ring.read(payload, _CHUNK_DTYPES))
+        kind, body = payload
+        return kind, _chunk_from_message(body) if kind == "chunk" else body
 
     def lag(self) -> dict[int, int]:
         """Messages not yet learned per partition, from the high watermarks of the last fetch
@@ -589,15 +606,12 @@ class KafkaSampleSource:
         self._stop.set()
         deadline = time.monotonic() + 10
         while self._process.is_alive() and time.monotonic() < deadline:
-            try:  # drain, so that a send blocked on a full pipe returns and the process can exit
-                if self._chunks.poll(0.05):
-                    self._chunks.recv_bytes()  # discarded unread
-            except EOFError:
+            if not self._inbox.discard(0.05):  # so that a write blocked on a full pipe returns
                 break
         if self._process.is_alive():
             self._process.terminate()
         self._process.join(timeout=5)
-        self._chunks.close()
+        self._inbox.close()
         self._returns.close()
         self._ring.close()
         self._process = None

@@ -3,7 +3,8 @@
 Two poolings, one result. Read-only scoring (`pool`: serving, `predict`) pools with torch's
 embedding_bag over rows from any source (the trainer's Embedding Variables or a serving
 node's published tables). The training step pools every feature in one kernel pass over
-one flat row buffer that the lookups fill in place (`pooling.pool_concat`), and hands each
+one flat row buffer that the lookups fill in place (`pooling.pool_planned`, on the batch's
+flat ids as they are), and hands each
 table its gradient as a view of that buffer: at Criteo shape this is what
 `freshrec bench embedding` measures, and 26 embedding_bag calls forward and backward cost
 the step more than the kernel pair. Both sum each bag's rows in bag order (a mean divides
@@ -20,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from stream.schema import FeatureSchema
-from trainer.batch import Batch, FeatureBag
+from trainer.batch import Batch, SparseIds, SparseLayout
 from trainer.config import EmbeddingDefaults
-from trainer.embedding import EmbeddingVariableConfig
-from trainer.embedding.pooling import Bags, RowBuffer, pool_concat
+from trainer.embedding import EmbeddingVariableConfig, kernels
+from trainer.embedding.pooling import RowBuffer, pool_planned
 from trainer.embedding.variable import EmbeddingVariable
 
 # (table name, distinct keys) -> rows [len(keys), dim]
@@ -72,18 +73,43 @@ class SparseArch:
             )
             for t in schema.tables
         }
+        self.layout = SparseLayout.of(schema)
+        # what the pooling plan takes from the schema (`_pooling_plan` adds each batch's part)
+        self._feature_table = np.array([self.layout.tables.index(t) for t in self.layout.tables_of_bags], np.int64)
+        self._feature_dims = [self.tables[t].dim for t in self.layout.tables_of_bags]
+        self._plan_template = np.zeros((len(self._feature_dims), kernels.POOL_PLAN_COLUMNS), np.int64)
+        self._plan_template[:, kernels.POOL_DIM] = self._feature_dims
+        self._plan_template[:, kernels.POOL_COL] = np.cumsum([0, *self._feature_dims[:-1]])
+        self._plan_template[:, kernels.POOL_MEAN] = [mode == "mean" for mode in self.layout.modes]
 
     def train_forward(self, batch: Batch) -> tuple[list[torch.Tensor], SparseStep]:
         """Each table's rows for the batch's distinct keys (counting sightings, creating
         admitted rows), pooled per feature: one [B, dim] view per feature of one tensor."""
-        keys = {name: t.keys for name, t in batch.tables.items()}
-        part = {name: i for i, name in enumerate(keys)}
-        rows = RowBuffer([(k.size, self.tables[name].dim) for name, k in keys.items()])
-        for name, t in batch.tables.items():
-            self.tables[name].train_lookup(t.keys, t.counts, out=rows.rows(part[name]))
-        bags = [_bags(rows, part[bag.table], bag) for bag in batch.bags]
-        pooled = pool_concat(rows.values, bags)
-        return list(torch.split(pooled, [b.dim for b in bags], dim=1)), SparseStep(keys, rows)
+        ids = batch.sparse
+        if ids.layout != self.layout:
+            raise ValueError("the batch was laid out for another schema")
+        key_lengths = ids.key_lengths.tolist()
+        rows = RowBuffer([(n, self.tables[name].dim) for name, n in zip(self.layout.tables, key_lengths)])
+        keys, start = {}, 0
+        for t, (name, n) in enumerate(zip(self.layout.tables, key_lengths)):
+            keys[name] = ids.keys[start:start + n]
+            self.tables[name].train_lookup(keys[name], ids.counts[start:start + n], out=rows.rows(t))
+            start += n
+        pooled = pool_planned(rows.values, self._pooling_plan(rows, ids), ids.indices, ids.starts, len(batch))
+        return list(torch.split(pooled, self._feature_dims, dim=1)), SparseStep(keys, rows)
+
+    def _pooling_plan(self, rows: RowBuffer, ids: SparseIds) -> np.ndarray:
+        """The pooling kernels' plan for a flat batch: per feature, where its table's rows lie
+        in `rows`, and where its ids and bag starts lie in the batch."""
+        plan = self._plan_template.copy()
+        plan[:, kernels.POOL_START] = rows.starts[self._feature_table]
+        plan[:, kernels.POOL_ROWS] = ids.key_lengths[self._feature_table]
+        plan[:, kernels.POOL_IDS] = ids.index_lengths
+        plan[1:, kernels.POOL_FIRST] = np.cumsum(ids.index_lengths[:-1])
+        multi = ids.multi.astype(bool)
+        n_multi_before = np.cumsum(multi) - multi
+        plan[:, kernels.POOL_BOUNDS] = np.where(multi, n_multi_before * (ids.starts.size // max(1, multi.sum())), -1)
+        return plan
 
     def apply_gradients(self, step: SparseStep, global_step: int) -> None:
         for i, (name, keys) in enumerate(step.keys.items()):
@@ -100,9 +126,3 @@ class SparseArch:
     def live_rows(self) -> dict[str, int]:
         return {name: len(t) for name, t in self.tables.items()}
 
-
-def _bags(rows: RowBuffer, part: int, bag: FeatureBag) -> Bags:
-    """A feature's bags for pool_concat, which takes n_bags + 1 bounds (a batch's offsets are
-    bag starts), or none when every bag holds one id."""
-    bounds = None if bag.offsets is None else np.append(bag.offsets, bag.indices.size)
-    return rows.bags(part, bag.indices, bounds, mean=bag.mode == "mean")

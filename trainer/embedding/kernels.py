@@ -255,20 +255,24 @@ def _check_pool(rows: np.ndarray, plan: np.ndarray, ids: np.ndarray, offsets: np
             if n_ids != n_bags:
                 raise IndexError("a single-valued feature needs one id per bag")
             continue
-        if bounds + n_bags + 1 > offsets.size or offsets[bounds] < 0 or offsets[bounds + n_bags] > n_ids:
+        if bounds + n_bags > offsets.size:
             raise IndexError("bag offsets out of range")
-        for b in range(bounds, bounds + n_bags):
+        if n_bags and (offsets[bounds] < 0 or offsets[bounds + n_bags - 1] > n_ids):
+            raise IndexError("bag offsets out of range")
+        for b in range(bounds, bounds + n_bags - 1):
             if offsets[b] > offsets[b + 1]:
                 raise IndexError("bag offsets decrease")
 
 
 @njit(cache=True, inline="always")
-def _bag(plan: np.ndarray, f: np.int64, offsets: np.ndarray, b: np.int64) -> tuple[np.int64, np.int64]:
-    """Positions [lo, hi) in `ids` of feature f's bag b."""
+def _bag(plan: np.ndarray, f: np.int64, offsets: np.ndarray, b: np.int64, n_bags: np.int64) -> tuple[np.int64, np.int64]:
+    """Positions [lo, hi) in `ids` of feature f's bag b: it ends where the next bag starts,
+    the last one at the feature's last id."""
     first, bounds = plan[f, POOL_FIRST], plan[f, POOL_BOUNDS]
     if bounds < 0:
         return first + b, first + b + 1
-    return first + offsets[bounds + b], first + offsets[bounds + b + 1]
+    end = offsets[bounds + b + 1] if b + 1 < n_bags else plan[f, POOL_IDS]
+    return first + offsets[bounds + b], first + end
 
 
 @njit(cache=True, inline="always")
@@ -304,7 +308,7 @@ def pool_forward(rows: np.ndarray, plan: np.ndarray, ids: np.ndarray, offsets: n
         for f in range(plan.shape[0]):
             start, dim, col, mean = plan[f, POOL_START], plan[f, POOL_DIM], plan[f, POOL_COL], plan[f, POOL_MEAN]
             for b in range(b0, min(b0 + _POOL_BLOCK, n_bags)):
-                lo, hi = _bag(plan, f, offsets, b)
+                lo, hi = _bag(plan, f, offsets, b, n_bags)
                 d = b * width + col
                 if lo == hi:
                     flat[d:d + dim] = 0.0
@@ -321,16 +325,17 @@ def pool_forward(rows: np.ndarray, plan: np.ndarray, ids: np.ndarray, offsets: n
 def pool_backward(grad_out: np.ndarray, plan: np.ndarray, ids: np.ndarray, offsets: np.ndarray,
                   grad_rows: np.ndarray) -> None:
     """The transpose of pool_forward: each row collects the gradients of the bags it is in.
-    Its arguments are the ones pool_forward checked (the autograd node's own copies, and a
-    gradient of the forward's shapes), so it does not check them again."""
+    It checks the indices again (a few µs): the ids may be a view of a batch that another
+    process wrote, and a change between the passes must raise, not write out of bounds."""
     n_bags, width = grad_out.shape
+    _check_pool(grad_rows, plan, ids, offsets, n_bags, width)
     grad_rows[:] = 0.0
     flat = grad_out.reshape(-1)
     for b0 in range(0, n_bags, _POOL_BLOCK):
         for f in range(plan.shape[0]):
             start, dim, col, mean = plan[f, POOL_START], plan[f, POOL_DIM], plan[f, POOL_COL], plan[f, POOL_MEAN]
             for b in range(b0, min(b0 + _POOL_BLOCK, n_bags)):
-                lo, hi = _bag(plan, f, offsets, b)
+                lo, hi = _bag(plan, f, offsets, b, n_bags)
                 d = b * width + col
                 for i in range(lo, hi):
                     r = start + ids[i] * dim

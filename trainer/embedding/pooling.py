@@ -26,8 +26,9 @@ from trainer.embedding import kernels
 class Bags:
     """One sparse feature's bags over its table's rows, which start at float `start` of a
     flat row buffer and are `dim` wide. Bag b pools the rows indices[offsets[b]:offsets[b + 1]]
-    (offsets has n_bags + 1 entries; None: one id per bag), summed or averaged (`mean`;
-    an empty bag pools to zeros, as torch's embedding_bag does)."""
+    (offsets are bag starts, as torch's embedding_bag takes them: the last bag ends at the
+    last index; None: one id per bag), summed or averaged (`mean`; an empty bag pools to
+    zeros, as embedding_bag does)."""
 
     start: int
     dim: int
@@ -38,15 +39,13 @@ class Bags:
 
     @property
     def n_bags(self) -> int:
-        return self.indices.size if self.offsets is None else self.offsets.size - 1
+        return self.indices.size if self.offsets is None else self.offsets.size
 
 
 class _PoolConcat(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: np.ndarray, ids: np.ndarray, offsets: np.ndarray, n_bags: int,
                 rows: torch.Tensor) -> torch.Tensor:
-        # plan, ids and offsets are pool_concat's fresh arrays, which nothing else holds: the
-        # backward relies on their being the ones checked here.
         ctx.plan, ctx.ids, ctx.offsets, ctx.n_rows = plan, ids, offsets, rows.shape[0]
         out = np.empty((n_bags, int(plan[:, kernels.POOL_DIM].sum())), dtype=np.float32)
         kernels.pool_forward(rows.detach().numpy(), plan, ids, offsets, out)
@@ -66,8 +65,6 @@ def pool_concat(rows: torch.Tensor, bags: Sequence[Bags]) -> torch.Tensor:
     of bags (the batch size). The kernels check every index before following any."""
     if len({b.n_bags for b in bags}) != 1:
         raise ValueError("every feature needs the same number of bags")
-    if rows.dim() != 1 or rows.dtype != torch.float32 or not rows.is_contiguous():
-        raise ValueError("rows must be a flat, contiguous float32 buffer")
     plan = np.empty((len(bags), kernels.POOL_PLAN_COLUMNS), dtype=np.int64)
     ids = np.concatenate([np.asarray(b.indices, dtype=np.int64).reshape(-1) for b in bags])
     multi = [np.asarray(b.offsets, dtype=np.int64) for b in bags if b.offsets is not None]
@@ -78,7 +75,18 @@ def pool_concat(rows: torch.Tensor, bags: Sequence[Bags]) -> torch.Tensor:
         col += b.dim
         first += b.indices.size
         bounds += 0 if b.offsets is None else b.offsets.size
-    return _PoolConcat.apply(plan, ids, offsets, bags[0].n_bags, rows)
+    return pool_planned(rows, plan, ids, offsets, bags[0].n_bags)
+
+
+def pool_planned(rows: torch.Tensor, plan: np.ndarray, ids: np.ndarray, offsets: np.ndarray,
+                 n_bags: int) -> torch.Tensor:
+    """pool_concat of features laid out in one plan (`kernels.POOL_PLAN_COLUMNS` per feature:
+    where its rows start, how many, their width, its first output column, its first id and
+    how many, where its bag starts begin in `offsets` or -1, whether it averages): the
+    training step builds the plan from a flat batch in a few array operations."""
+    if rows.dim() != 1 or rows.dtype != torch.float32 or not rows.is_contiguous():
+        raise ValueError("rows must be a flat, contiguous float32 buffer")
+    return _PoolConcat.apply(plan, ids, offsets, n_bags, rows)
 
 
 class RowBuffer:
@@ -94,6 +102,11 @@ class RowBuffer:
         np.cumsum([n * d for n, d in self._shapes], out=self._starts[1:])
         self.values = torch.empty(int(self._starts[-1]), dtype=torch.float32, requires_grad=True)
         self._flat = self.values.detach().numpy()
+
+    @property
+    def starts(self) -> np.ndarray:
+        """Where each table's part starts in `values` (and, last, its size)."""
+        return self._starts
 
     def rows(self, t: int) -> np.ndarray:
         n, d = self._shapes[t]
@@ -112,9 +125,10 @@ class RowBuffer:
 
 
 def bag_sum(rows: torch.Tensor, inverse: np.ndarray, offsets: np.ndarray | None = None) -> torch.Tensor:
-    """Pools rows [n_unique, dim] into bags [n_bags, dim]: bag b sums rows[inverse[i]] for i in
-    [offsets[b], offsets[b + 1]). Without offsets each bag is one id (a single-valued
-    feature). `inverse` is np.unique's return_inverse over the batch's ids."""
+    """Pools rows [n_unique, dim] into bags [n_bags, dim]: bag b sums rows[inverse[i]] for i
+    from offsets[b] (a bag start, as embedding_bag takes it) to the next bag's start, the last
+    bag to the last id. Without offsets each bag is one id (a single-valued feature).
+    `inverse` is np.unique's return_inverse over the batch's ids."""
     n, dim = rows.shape
     bags = Bags(0, dim, n, np.ascontiguousarray(inverse, dtype=np.int64).reshape(-1), offsets)
     return pool_concat(rows.contiguous().reshape(-1), [bags])
