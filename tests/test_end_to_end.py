@@ -167,9 +167,13 @@ def test_events_become_live_predictions(pipeline, kafka_config, redis_config):
     reasons = sorted(dict(m.headers)["reason"].decode() for m in letters)
     assert reasons == ["bad_dense", "bad_label", "malformed_json"]
 
-    # The trainer's Prometheus metrics count what it learned and what it refused.
-    metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
-    assert f"freshrec_trainer_samples_total {float(total - len(bad))}" in metrics
+    # The trainer's Prometheus metrics count what it learned and what it refused (exported once a second).
+    def trainer_metrics_once_all_counted() -> str | None:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        return text if f"freshrec_trainer_samples_total {float(total - len(bad))}" in text else None
+
+    metrics = wait_for(trainer_metrics_once_all_counted, 10, "the trainer's metrics to count every valid sample",
+                       [trainer])
     assert 'freshrec_trainer_dead_letters_total{reason="bad_label"} 1.0' in metrics
     assert "freshrec_trainer_rows_admitted_total" in metrics and "freshrec_trainer_rows_admitted_total 0.0" not in metrics
     served = http.get("/metrics").text
