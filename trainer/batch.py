@@ -78,8 +78,8 @@ class SparseIds:
 
     @cached_property
     def bags(self) -> tuple[FeatureBag, ...]:
-        n = self.starts.size // max(1, int(self.multi.sum()))
-        starts = iter(_split(self.starts, np.full(int(self.multi.sum()), n)))
+        n_multi = int(self.multi.sum())
+        starts = iter(_split(self.starts, np.full(n_multi, self.starts.size // max(1, n_multi))))  # one per example
         return tuple(FeatureBag(table, indices, next(starts) if is_multi else None, mode)
                      for table, indices, is_multi, mode
                      in zip(self.layout.tables_of_bags, _split(self.indices, self.index_lengths), self.multi.tolist(),
@@ -205,8 +205,8 @@ class BatchArrays:
 
 
 # what BatchArrays.flat gives, array by array
-FLAT_DTYPES = tuple(np.dtype(t) for t in (np.int64, np.float32, np.float32, np.int64, np.int64, np.int64, np.uint8, np.int64,
-                                           np.int64, np.int64))
+FLAT_DTYPES = tuple(np.dtype(t) for t in (np.int64, np.float32, np.float32, np.int64, np.int64, np.int64, np.uint8,
+                                           np.int64, np.int64, np.int64))
 
 
 def _concat(arrays: Sequence[np.ndarray]) -> np.ndarray:

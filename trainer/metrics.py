@@ -1,7 +1,8 @@
 """Prometheus metrics of the trainer, updated by a training-loop hook.
 
 Progressive AUC and log loss are the trainer's quality signal (every batch scored before
-it is learned), over a window of samples and over a window of time; the rest say how fast it learns and how its tables grow and shrink.
+it is learned), over a window of samples and over a window of time; the rest say how fast it
+learns and how its tables grow and shrink.
 """
 
 from __future__ import annotations

@@ -75,10 +75,10 @@ class MicroBatch:
         # Next offset to read per partition once this batch is learned (Kafka's commit convention).
         self.next_offsets: dict[int, int] = dict(next_offsets)
         # Kafka record timestamps (ms) of the batch's samples: when they were produced.
-        self.produced_ms = produced_ms
+        self.produced_ms = np.asarray(produced_ms, dtype=np.int64)
         # The model's input with labels; None when every message was dead-lettered.
         self.batch = batch
-        self.event_times = event_times
+        self.event_times = np.asarray(event_times, dtype=np.float64)
 
     def __len__(self) -> int:
         return len(self.event_times)
@@ -372,7 +372,8 @@ def _ingest_main(kafka: KafkaConfig, schema: FeatureSchema, max_message_bytes: i
 
     A chunk's arrays go into a free slot of the ring and `out` carries the slot's number; the
     training side writes the number back to `returned` (a byte) once the step that read it is
-    over. A chunk with dead letters or too big for a slot goes whole, as ("chunk", chunk).
+    over. A chunk with dead letters or too big for a slot goes whole, as ("chunk", its
+    `_chunk_message`).
     Backpressure is the ring's free slots and the pipe's capacity.
 
     It ends with its trainer: `daemon` covers a clean exit only, so a trainer killed with
@@ -564,7 +565,7 @@ class KafkaSampleSource:
     def _receive(self, timeout_s: float) -> tuple[str, object] | None:
         """The ingest process's next message, or None when none came within timeout_s."""
         try:
-            frame = self._inbox.receive(timeout_s)  # our own child's objects, over a private pipe
+            frame = self._inbox.receive(timeout_s)
         except EOFError:
             self._process.join(timeout=5)
             raise RuntimeError(f"the ingest process exited with {self._process.exitcode}") from None

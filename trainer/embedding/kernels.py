@@ -265,7 +265,8 @@ def _check_pool(rows: np.ndarray, plan: np.ndarray, ids: np.ndarray, offsets: np
 
 
 @njit(cache=True, inline="always")
-def _bag(plan: np.ndarray, f: np.int64, offsets: np.ndarray, b: np.int64, n_bags: np.int64) -> tuple[np.int64, np.int64]:
+def _bag(plan: np.ndarray, f: np.int64, offsets: np.ndarray, b: np.int64,
+         n_bags: np.int64) -> tuple[np.int64, np.int64]:
     """Positions [lo, hi) in `ids` of feature f's bag b: it ends where the next bag starts,
     the last one at the feature's last id."""
     first, bounds = plan[f, POOL_FIRST], plan[f, POOL_BOUNDS]
@@ -325,8 +326,8 @@ def pool_forward(rows: np.ndarray, plan: np.ndarray, ids: np.ndarray, offsets: n
 def pool_backward(grad_out: np.ndarray, plan: np.ndarray, ids: np.ndarray, offsets: np.ndarray,
                   grad_rows: np.ndarray) -> None:
     """The transpose of pool_forward: each row collects the gradients of the bags it is in.
-    It checks the indices again (a few µs): the ids may be a view of a batch that another
-    process wrote, and a change between the passes must raise, not write out of bounds."""
+    It checks the indices again (one pass over them): the ids may be a view of a batch that
+    another process wrote, and a change between the passes must raise, not write out of bounds."""
     n_bags, width = grad_out.shape
     _check_pool(grad_rows, plan, ids, offsets, n_bags, width)
     grad_rows[:] = 0.0
