@@ -1,5 +1,3 @@
-import pickle
-
 import numpy as np
 import torch
 
@@ -30,13 +28,14 @@ def test_shared_table_keys_are_deduplicated_and_bags_point_into_them():
     np.testing.assert_array_equal(batch.labels.numpy(), [1.0, 0.0])
 
 
-def test_batch_arrays_cross_a_process_boundary_intact():
-    """The ingest process hands a batch to the trainer as its flat arrays (pickled, when it
-    cannot take a ring slot): the batch made of them has every feature's indices and offsets
-    and every table's keys and counts, empty ones included."""
-    from multiprocessing.reduction import ForkingPickler
+def test_a_batch_that_cannot_take_a_ring_slot_crosses_the_pipe_intact():
+    """Such a chunk goes whole, as msgpack (no pickle): the batch made of what arrives has
+    every feature's indices and offsets and every table's keys and counts, empty ones
+    included, and the chunk keeps its offsets, watermarks and dead letters."""
+    import msgspec
 
     from trainer.batch import BatchArrays, SparseLayout, batch_from_flat
+    from trainer.source import DeadLetter, _Chunk, _chunk_from_message, _chunk_message
 
     schema = load_schema("movielens")
     features = [
@@ -45,22 +44,30 @@ def test_batch_arrays_cross_a_process_boundary_intact():
         Features((50.0, 3.0), ((1,), (12,), (13,), (), ())),
     ]
     arrays = BatchArrays.from_batch(build_batch(schema, features, [1, 0, 1]))
-    back = BatchArrays.from_batch(batch_from_flat(pickle.loads(ForkingPickler.dumps(arrays.flat())),
-                                                  SparseLayout.of(schema)))
-    assert back.tables.keys() == arrays.tables.keys() and back.tables_of_bags == arrays.tables_of_bags
-    assert back.modes == arrays.modes
-    for got, want in [(back.dense, arrays.dense), (back.labels, arrays.labels)]:
-        np.testing.assert_array_equal(got, want)
-    for got, want in zip(back.bag_indices + back.bag_offsets, arrays.bag_indices + arrays.bag_offsets, strict=True):
-        assert (got is None) == (want is None)
-        np.testing.assert_array_equal(got, want)
+    dead = [DeadLetter(b"{oops", "malformed_json", "line 1", "samples", 1, 7)]
+    chunk = _Chunk(arrays.flat(), np.array([1.0, 2.0, 3.0]), np.array([5, 6, 7]), {0: 3, 1: 8}, dead, {0: 9, 1: 8})
+    back = _chunk_from_message(msgspec.msgpack.decode(msgspec.msgpack.encode(_chunk_message(chunk))))
+    assert back.dead == dead and back.next_offsets == {0: 3, 1: 8} and back.highwater == {0: 9, 1: 8}
+    np.testing.assert_array_equal(back.event_times, chunk.event_times)
+    np.testing.assert_array_equal(back.produced_ms, chunk.produced_ms)
+    got = BatchArrays.from_batch(batch_from_flat(back.flat, SparseLayout.of(schema)))
+    assert got.tables.keys() == arrays.tables.keys() and got.tables_of_bags == arrays.tables_of_bags
+    assert got.modes == arrays.modes
+    for have, want in [(got.dense, arrays.dense), (got.labels, arrays.labels)]:
+        np.testing.assert_array_equal(have, want)
+    for have, want in zip(got.bag_indices + got.bag_offsets, arrays.bag_indices + arrays.bag_offsets, strict=True):
+        assert (have is None) == (want is None)
+        np.testing.assert_array_equal(have, want)
     for name, (keys, counts) in arrays.tables.items():
-        np.testing.assert_array_equal(back.tables[name][0], keys)
-        np.testing.assert_array_equal(back.tables[name][1], counts)
+        np.testing.assert_array_equal(got.tables[name][0], keys)
+        np.testing.assert_array_equal(got.tables[name][1], counts)
+    only_dead = _Chunk(None, np.empty(0), np.empty(0, np.int64), {1: 9}, dead, {})
+    back = _chunk_from_message(msgspec.msgpack.decode(msgspec.msgpack.encode(_chunk_message(only_dead))))
+    assert back.flat is None and back.dead == dead and back.next_offsets == {1: 9}
 
 
 def test_the_handover_pipe_holds_a_whole_micro_batch():
-    """A Criteo micro-batch of 512 pickles to ~280 KiB (when it cannot take a ring slot):
+    """A Criteo micro-batch of 512 encodes to ~280 KiB (when it cannot take a ring slot):
     through the default 64 KiB pipe the training process's read waited on the ingest side
     several times."""
     import fcntl

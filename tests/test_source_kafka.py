@@ -129,7 +129,7 @@ def test_nothing_to_read_returns_none(kafka_config):
 @pytest.mark.parametrize("slot_bytes_per_sample", [4096, 8])
 def test_the_ingest_process_hands_over_every_batch_in_order(kafka_config, monkeypatch, slot_bytes_per_sample):
     """Through ring slots (more batches than slots, so each is reused) or, when a batch does
-    not fit its slot, pickled through the pipe: the same samples, in each partition's order,
+    not fit its slot, whole through the pipe (msgpack): the same samples, in each partition's order,
     and a lent batch is intact until the next call."""
     import trainer.source
 
