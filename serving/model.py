@@ -35,7 +35,7 @@ from serving.table import PROBED_ARRAYS, TableView
 from stream.sample import Features
 from stream.schema import FeatureSchema
 from trainer.config import TrainerConfig
-from trainer.models import build_model
+from trainer.models import build_model, is_shared
 
 @dataclass(frozen=True)
 class SparseInput:
@@ -74,7 +74,7 @@ def _forward(model: nn.Module, n: int, dense: torch.Tensor, pooled: list[torch.T
     """Logits of n rows from inputs of n rows or of one row shared by all (a ranking's
     context): computed once where all are shared, through the model's `forward_shared`
     where it has one, else on the shared inputs expanded to n rows."""
-    shared = [t.shape[0] == 1 for t in (dense, *pooled)]
+    shared = [is_shared(t) for t in (dense, *pooled)]
     if n == 1 or not any(shared):
         return model(dense, pooled)
     if all(shared):

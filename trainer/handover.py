@@ -55,7 +55,6 @@ class SlotRing:
         finally:
             os.close(fd)
         self._buffer = np.frombuffer(self._map, dtype=np.uint8)
-        self._slots = [self._buffer[i * slot_bytes:(i + 1) * slot_bytes] for i in range(n_slots)]
 
     @classmethod
     def create(cls, n_slots: int, slot_bytes: int) -> "SlotRing":
@@ -79,11 +78,11 @@ class SlotRing:
         header = _padded(8 * len(arrays))
         if header + sum(_padded(a.nbytes) for a in arrays) > self.slot_bytes:
             return False
-        buffer = self._slots[slot]
-        buffer[:8 * len(arrays)].view(np.int64)[:] = [a.size for a in arrays]
-        at = header
+        at = slot * self.slot_bytes
+        self._buffer[at:at + 8 * len(arrays)].view(np.int64)[:] = [a.size for a in arrays]
+        at += header
         for a in arrays:
-            buffer[at:at + a.nbytes] = a.view(np.uint8)
+            self._buffer[at:at + a.nbytes] = a.view(np.uint8)
             at += _padded(a.nbytes)
         return True
 
@@ -98,7 +97,7 @@ class SlotRing:
         return views
 
     def close(self) -> None:
-        self._buffer = self._slots = None
+        self._buffer = None
         try:
             self._map.close()
         except BufferError:  # views still alive: the mapping goes with the last of them

@@ -86,8 +86,8 @@ class MicroBatch:
     def owned(self) -> "MicroBatch":
         """This micro-batch with arrays of its own: `next_batch` lends a batch's arrays until
         its next call (they lie in the ingest ring), so a caller that keeps batches takes this."""
-        batch = None if self.batch is None else copy.deepcopy(BatchArrays.from_batch(self.batch)).to_batch()
-        return MicroBatch(self.next_offsets, self.produced_ms.copy(), batch=batch, event_times=self.event_times.copy())
+        return MicroBatch(self.next_offsets, self.produced_ms.copy(), batch=copy.deepcopy(self.batch),
+                          event_times=self.event_times.copy())
 
     @property
     def samples(self) -> list[Sample]:

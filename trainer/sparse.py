@@ -95,10 +95,11 @@ class SparseArch:
             keys[name] = ids.keys[start:start + n]
             self.tables[name].train_lookup(keys[name], ids.counts[start:start + n], out=rows.rows(t))
             start += n
-        pooled = pool_planned(rows.values, self._pooling_plan(rows, ids), ids.indices, ids.starts, len(batch))
+        pooled = pool_planned(rows.values, self._pooling_plan(rows, ids, len(batch)), ids.indices, ids.starts,
+                                len(batch))
         return list(torch.split(pooled, self._feature_dims, dim=1)), SparseStep(keys, rows)
 
-    def _pooling_plan(self, rows: RowBuffer, ids: SparseIds) -> np.ndarray:
+    def _pooling_plan(self, rows: RowBuffer, ids: SparseIds, n: int) -> np.ndarray:
         """The pooling kernels' plan for a flat batch: per feature, where its table's rows lie
         in `rows`, and where its ids and bag starts lie in the batch."""
         plan = self._plan_template.copy()
@@ -108,7 +109,7 @@ class SparseArch:
         plan[1:, kernels.POOL_FIRST] = np.cumsum(ids.index_lengths[:-1])
         multi = ids.multi.astype(bool)
         n_multi_before = np.cumsum(multi) - multi
-        plan[:, kernels.POOL_BOUNDS] = np.where(multi, n_multi_before * (ids.starts.size // max(1, multi.sum())), -1)
+        plan[:, kernels.POOL_BOUNDS] = np.where(multi, n_multi_before * n, -1)  # n starts per multi-valued feature
         return plan
 
     def apply_gradients(self, step: SparseStep, global_step: int) -> None:
